@@ -1,0 +1,1 @@
+"""Vision Transformer encoder and the Masked Autoencoder built on it."""

@@ -1,0 +1,147 @@
+"""The Masked Autoencoder: masking from noise, encoder on visible tokens, decoder, loss on removed patches."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import einops
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mae_jax.models.vit import Block, Encoder, EncoderConfig, FixedEmbedding, layer_norm, linear, sincos_2d, token_init
+
+NORM_PIX_EPS = 1e-6
+
+
+@dataclasses.dataclass(frozen=True)
+class MAEConfig:
+    """Encoder shape plus the decoder and loss settings of the official `MaskedAutoencoderViT`."""
+
+    encoder: EncoderConfig = EncoderConfig()
+    decoder_width: int = 512
+    decoder_depth: int = 8
+    decoder_heads: int = 16
+    norm_pix_loss: bool = True
+
+    @classmethod
+    def from_variant(cls, variant: str, image_size: int = 224, **decoder_and_loss) -> MAEConfig:
+        return cls(EncoderConfig.from_variant(variant, image_size), **decoder_and_loss)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, fields: dict) -> MAEConfig:
+        return cls(**{**fields, "encoder": EncoderConfig(**fields["encoder"])})
+
+
+class MAEOutput(NamedTuple):
+    loss: jax.Array  # scalar
+    pred: jax.Array  # (N, L, p*p*3) predicted patches, in image order
+    mask: jax.Array  # (N, L) 1 = removed, 0 = kept, in image order
+    latent: jax.Array  # (N, 1 + len_keep, D) encoder output on cls + visible tokens
+
+
+class Masking(NamedTuple):
+    kept: jax.Array  # (N, len_keep, D) tokens in ascending-noise order
+    mask: jax.Array  # (N, L)
+    ids_restore: jax.Array  # (N, L) position of each image-order token in the shuffled order
+
+
+def num_kept(num_patches: int, mask_ratio: float) -> int:
+    return int(num_patches * (1 - mask_ratio))
+
+
+def random_masking(tokens: jax.Array, noise: jax.Array, mask_ratio: float) -> Masking:
+    """Keep the tokens with the smallest noise, as the official `random_masking` does."""
+    n, length, _ = tokens.shape
+    len_keep = num_kept(length, mask_ratio)
+    ids_shuffle = jnp.argsort(noise, axis=1)
+    ids_restore = jnp.argsort(ids_shuffle, axis=1)
+    kept = jnp.take_along_axis(tokens, ids_shuffle[:, :len_keep, None], axis=1)
+    mask = (ids_restore >= len_keep).astype(tokens.dtype)
+    return Masking(kept, mask, ids_restore)
+
+
+def patchify(images: jax.Array, patch_size: int) -> jax.Array:
+    """NHWC images -> (N, L, p*p*3), each patch ordered row-in-patch, column-in-patch, channel."""
+    return einops.rearrange(images, "n (h p) (w q) c -> n (h w) (p q c)", p=patch_size, q=patch_size)
+
+
+def unpatchify(patches: jax.Array, patch_size: int) -> jax.Array:
+    """(N, L, p*p*3) -> NHWC images; the inverse of `patchify` for square grids."""
+    grid = int(round(patches.shape[1] ** 0.5))
+    return einops.rearrange(patches, "n (h w) (p q c) -> n (h p) (w q) c", h=grid, w=grid, p=patch_size, q=patch_size)
+
+
+def reconstruction_loss(images: jax.Array, pred: jax.Array, mask: jax.Array, patch_size: int, norm_pix: bool) -> jax.Array:
+    """Per-patch MSE averaged over removed patches of the whole batch; norm-pix uses unbiased variance."""
+    target = patchify(images, patch_size)
+    if norm_pix:
+        mean = target.mean(axis=-1, keepdims=True)
+        var = target.var(axis=-1, keepdims=True, ddof=1)
+        target = (target - mean) / jnp.sqrt(var + NORM_PIX_EPS)
+    per_patch = jnp.mean((pred.astype(jnp.float32) - target) ** 2, axis=-1)
+    return jnp.sum(per_patch * mask) / jnp.sum(mask)
+
+
+class Decoder(nnx.Module):
+    """Light decoder: mask tokens fill the removed positions, then blocks predict every patch's pixels."""
+
+    def __init__(self, config: MAEConfig, *, rngs: nnx.Rngs):
+        enc = config.encoder
+        width = config.decoder_width
+        self.embed = linear(enc.width, width, rngs)
+        self.mask_token = nnx.Param(token_init(rngs.params(), (1, 1, width)))
+        self.pos_embed = FixedEmbedding(jnp.asarray(sincos_2d(width, enc.grid_size))[None])
+        self.blocks = nnx.List(
+            [Block(width, config.decoder_heads, enc.mlp_ratio, rngs=rngs) for _ in range(config.decoder_depth)]
+        )
+        self.norm = layer_norm(width, rngs)
+        self.pred = linear(width, enc.patch_size**2 * 3, rngs)
+
+    def __call__(self, latent: jax.Array, ids_restore: jax.Array) -> jax.Array:
+        x = self.embed(latent)
+        n, num_visible, width = x.shape[0], x.shape[1] - 1, x.shape[2]
+        mask_tokens = jnp.broadcast_to(self.mask_token.astype(x.dtype), (n, ids_restore.shape[1] - num_visible, width))
+        shuffled = jnp.concatenate([x[:, 1:], mask_tokens], axis=1)
+        unshuffled = jnp.take_along_axis(shuffled, ids_restore[:, :, None], axis=1)
+        x = jnp.concatenate([x[:, :1], unshuffled], axis=1) + self.pos_embed
+        for block in self.blocks:
+            x = block(x)
+        return self.pred(self.norm(x))[:, 1:]
+
+
+class MAE(nnx.Module):
+    """`MaskedAutoencoderViT` of facebookresearch/mae, on NHWC images."""
+
+    def __init__(self, config: MAEConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.encoder = Encoder(config.encoder, rngs=rngs)
+        self.decoder = Decoder(config, rngs=rngs)
+
+    def draw_noise(self, key: jax.Array, batch_size: int) -> jax.Array:
+        """Per-sample uniform noise that fully determines the mask, as the official forward draws it."""
+        return jax.random.uniform(key, (batch_size, self.config.encoder.num_patches))
+
+    def __call__(
+        self,
+        images: jax.Array,
+        mask_ratio: float = 0.75,
+        *,
+        noise: jax.Array | None = None,
+        key: jax.Array | None = None,
+    ) -> MAEOutput:
+        """Reconstruct removed patches of NHWC `images`; pass the masking `noise` (N, L) or a `key` to draw it."""
+        if noise is None:
+            if key is None:
+                raise ValueError("MAE needs the masking noise or a PRNG key to draw it: pass noise= or key=")
+            noise = self.draw_noise(key, images.shape[0])
+        patch_size = self.config.encoder.patch_size
+        masking = random_masking(self.encoder.embed_patches(images), noise, mask_ratio)
+        latent = self.encoder.encode(masking.kept)
+        pred = self.decoder(latent, masking.ids_restore)
+        loss = reconstruction_loss(images, pred, masking.mask, patch_size, self.config.norm_pix_loss)
+        return MAEOutput(loss, pred, masking.mask, latent)
