@@ -48,3 +48,27 @@ def load_params(directory: str | epath.Path) -> tuple[MAEConfig, nnx.State]:
         pure = checkpointer.restore((directory / PARAMS_DIR).absolute(), state.to_pure_dict())
     nnx.replace_by_pure_dict(state, pure)
     return config, state
+
+
+# ---------------------------------------------------------------------------------------------------
+# Train-state checkpoints in a workdir
+# ---------------------------------------------------------------------------------------------------
+def make_manager(workdir: str | epath.Path, keep: int) -> ocp.CheckpointManager:
+    """Async manager of `workdir/checkpoints/<step>/{state,config}`; half-written saves are ignored on restore."""
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+    return ocp.CheckpointManager(epath.Path(workdir).absolute() / "checkpoints", options=options)
+
+
+def save(manager: ocp.CheckpointManager, step: int, state, config: dict) -> None:
+    """Start an async save of the train state and the config that produced it."""
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config))
+    manager.save(step, args=args)
+
+
+def restore_latest(manager: ocp.CheckpointManager, abstract_state):
+    """The newest complete train state, placed with the shardings of `abstract_state`; None if there is none."""
+    step = manager.latest_step()
+    if step is None:
+        return None
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+    return restored.state

@@ -1,0 +1,24 @@
+"""A small MAE on scikit-image's bundled photographs: runs anywhere in minutes, no download."""
+
+from mae_jax.configuration import base_config
+
+
+def get_config():
+    config = base_config()
+    config.dataset.source = "demo"
+    config.input.num_threads = 4
+    config.input.prefetch = 16
+    config.image_size = 64
+    config.model.variant = "mu/8"
+    config.model.decoder_width = 64
+    config.model.decoder_depth = 2
+    config.model.decoder_heads = 4
+    config.batch_size = 32
+    config.total_steps = 600
+    config.warmup_steps = 50
+    config.base_lr = 1e-3
+    config.log_every_steps = 50
+    config.image_every_steps = 200
+    config.num_images = 8
+    config.checkpoint_every_steps = 300
+    return config

@@ -1,0 +1,316 @@
+"""Conversion between official PyTorch MAE checkpoints (facebookresearch/mae `.pth`) and mae_jax parameters.
+
+`KEY_TABLE` is the single description of the layout: official module name, mae_jax module path, and the kind
+of module, which fixes the parameter names and the axis permutation. Both directions are derived from it.
+
+    python -m mae_jax.convert import mae_visualize_vit_base.pth /tmp/mae_b16 [--variant B/16] [--no-norm-pix-loss]
+    python -m mae_jax.convert export /tmp/mae_b16 /tmp/mae_b16.pth [--encoder-only]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from mae_jax import checkpointing
+from mae_jax.models.mae import MAE, MAEConfig
+from mae_jax.models.vit import VARIANTS, EncoderConfig, sincos_2d
+
+ARRAY, LINEAR, CONV, NORM = "array", "linear", "conv", "norm"
+
+# Kind -> (official parameter suffix, mae_jax parameter suffix, axes of the official array in mae_jax order).
+PARAMS_OF_KIND: dict[str, tuple[tuple[str, str, tuple[int, ...] | None], ...]] = {
+    ARRAY: (("", "", None),),  # cls/mask tokens and position tables: same shape on both sides
+    LINEAR: (("weight", "kernel", (1, 0)), ("bias", "bias", None)),  # torch (out, in) -> flax (in, out)
+    CONV: (("weight", "kernel", (2, 3, 1, 0)), ("bias", "bias", None)),  # torch (D, 3, p, p) -> flax (p, p, 3, D)
+    NORM: (("weight", "scale", None), ("bias", "bias", None)),
+}
+
+# Submodules of a transformer block; the names are the same on both sides.
+_BLOCK = (("norm1", NORM), ("attn.qkv", LINEAR), ("attn.proj", LINEAR), ("norm2", NORM), ("mlp.fc1", LINEAR),
+          ("mlp.fc2", LINEAR))
+
+# (official module, mae_jax module path, kind); `{i}` is a block index.
+KEY_TABLE: tuple[tuple[str, str, str], ...] = (
+    ("cls_token", "encoder.cls_token", ARRAY),
+    ("pos_embed", "encoder.pos_embed", ARRAY),
+    ("patch_embed.proj", "encoder.patch_embed.proj", CONV),
+    *((f"blocks.{{i}}.{name}", f"encoder.blocks.{{i}}.{name}", kind) for name, kind in _BLOCK),
+    ("norm", "encoder.norm", NORM),
+    ("decoder_embed", "decoder.embed", LINEAR),
+    ("mask_token", "decoder.mask_token", ARRAY),
+    ("decoder_pos_embed", "decoder.pos_embed", ARRAY),
+    *((f"decoder_blocks.{{i}}.{name}", f"decoder.blocks.{{i}}.{name}", kind) for name, kind in _BLOCK),
+    ("decoder_norm", "decoder.norm", NORM),
+    ("decoder_pred", "decoder.pred", LINEAR),
+)
+
+# Official decoders always have 16 heads (`MaskedAutoencoderViT(decoder_num_heads=16)`); files cannot say.
+OFFICIAL_DECODER_HEADS = 16
+# Keys of fine-tuned classifiers, which are not MAE pretraining checkpoints.
+_CLASSIFIER_PREFIXES = ("head.", "fc_norm.")
+
+
+class _Rule(NamedTuple):
+    ours: re.Pattern[str]
+    official: str  # format string with {i}
+    axes: tuple[int, ...] | None  # official axes in mae_jax order: ours = official.transpose(axes)
+
+
+def _rules() -> list[_Rule]:
+    rules = []
+    for official, ours, kind in KEY_TABLE:
+        for official_suffix, our_suffix, axes in PARAMS_OF_KIND[kind]:
+            our_path = ".".join(filter(None, (ours, our_suffix)))
+            pattern = re.escape(our_path).replace(re.escape("{i}"), r"(?P<i>\d+)")
+            rules.append(_Rule(re.compile(pattern), ".".join(filter(None, (official, official_suffix))), axes))
+    return rules
+
+
+_RULES = _rules()
+
+
+def official_key(path: str) -> tuple[str, tuple[int, ...] | None]:
+    """The official key of a mae_jax path like `encoder.blocks.3.attn.qkv.kernel`, and its axis permutation."""
+    for rule in _RULES:
+        if match := rule.ours.fullmatch(path):
+            return rule.official.format(**match.groupdict()), rule.axes
+    raise KeyError(f"no official key for mae_jax parameter {path!r}")
+
+
+def _inverse(axes: tuple[int, ...] | None) -> tuple[int, ...] | None:
+    return None if axes is None else tuple(int(a) for a in np.argsort(axes))
+
+
+def _flatten(tree: Mapping, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            yield from _flatten(value, path + ".")
+        else:
+            yield path, value
+
+
+def _set(tree: dict, path: str, value: Any) -> None:
+    *parents, leaf = path.split(".")
+    for part in parents:
+        tree = tree[int(part)] if part.isdigit() and int(part) in tree else tree[part]  # nnx.List keys are ints
+    tree[leaf] = value
+
+
+def _natural(key: str) -> list:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", key)]
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+    if hasattr(value, "detach"):  # a torch tensor; .float() also covers bfloat16, which numpy lacks
+        return value.detach().cpu().float().numpy()
+    return np.asarray(value)
+
+
+def describe(config: MAEConfig) -> str:
+    """A name like 'ViT B/16 MAE' for messages."""
+    enc = config.encoder
+    names = [name for name, shape in VARIANTS.items() if shape == (enc.width, enc.depth, enc.num_heads)]
+    body = names[0] if names else f"(width {enc.width}, depth {enc.depth}, {enc.num_heads} heads)"
+    return (f"ViT {body}/{enc.patch_size} MAE at {enc.image_size} px with a {config.decoder_width}-wide "
+            f"{config.decoder_depth}-block decoder")
+
+
+def to_official(state: nnx.State | Mapping, *, encoder_only: bool = False) -> dict[str, np.ndarray]:
+    """The official state_dict of an `MAE` state (or an `Encoder` state alone), as numpy arrays."""
+    pure = state.to_pure_dict() if isinstance(state, nnx.State) else state
+    if "encoder" not in pure and "decoder" not in pure:
+        pure = {"encoder": pure}  # the state of an `Encoder` module
+    out = {}
+    for path, value in _flatten(pure):
+        if encoder_only and path.startswith("decoder."):
+            continue
+        key, axes = official_key(path)
+        array = np.asarray(jax.device_get(value))
+        out[key] = np.ascontiguousarray(array if axes is None else array.transpose(_inverse(axes)))
+    return out
+
+
+def _block_count(state_dict: Mapping[str, Any], prefix: str) -> int:
+    indices = {int(m.group(1)) for key in state_dict if (m := re.match(rf"{re.escape(prefix)}\.(\d+)\.", key))}
+    return max(indices) + 1 if indices else 0
+
+
+def infer_config(
+    state_dict: Mapping[str, Any],
+    *,
+    variant: str | None = None,
+    image_size: int | None = None,
+    num_heads: int | None = None,
+    decoder_heads: int = OFFICIAL_DECODER_HEADS,
+    norm_pix_loss: bool = True,
+) -> MAEConfig:
+    """The MAEConfig of an official state_dict, read off its shapes.
+
+    Head counts are not visible in the weights: the encoder's come from `num_heads`, the variant, or the known
+    variants of that width and depth; the decoder's from `decoder_heads` (16 in every official model). Whether
+    the file was trained with norm-pix targets is not visible either: pass `norm_pix_loss`. Files without a
+    decoder get the official 512-wide, 8-block decoder.
+    """
+    if variant is not None:
+        encoder = EncoderConfig.from_variant(variant)
+        if num_heads is not None:
+            encoder = dataclasses.replace(encoder, num_heads=num_heads)
+    else:
+        for key in ("patch_embed.proj.weight", "blocks.0.mlp.fc1.weight"):
+            if key not in state_dict:
+                raise ValueError(f"cannot infer the model shape: {key} is missing; pass the variant")
+        width, _, _, patch = state_dict["patch_embed.proj.weight"].shape
+        depth = _block_count(state_dict, "blocks")
+        if num_heads is None:
+            heads = [h for (w, d, h) in VARIANTS.values() if (w, d) == (width, depth)]
+            if not heads:
+                raise ValueError(f"no known ViT has width {width} and depth {depth}: pass the number of heads")
+            num_heads = heads[0]
+        mlp_ratio = state_dict["blocks.0.mlp.fc1.weight"].shape[0] // width
+        encoder = EncoderConfig(224, patch, width, depth, num_heads, mlp_ratio)
+    if image_size is None:
+        if "pos_embed" not in state_dict:
+            raise ValueError("cannot infer the image size: pos_embed is missing; pass the image size")
+        num_patches = state_dict["pos_embed"].shape[1] - 1
+        grid = math.isqrt(num_patches)
+        if grid * grid != num_patches:
+            raise ValueError(f"pos_embed holds 1 + {num_patches} tokens, not 1 + G*G; pass the image size")
+        image_size = grid * encoder.patch_size
+    encoder = dataclasses.replace(encoder, image_size=image_size)
+    if "decoder_embed.weight" not in state_dict:
+        return MAEConfig(encoder, decoder_heads=decoder_heads, norm_pix_loss=norm_pix_loss)
+    decoder_width = state_dict["decoder_embed.weight"].shape[0]
+    decoder_depth = _block_count(state_dict, "decoder_blocks")
+    return MAEConfig(encoder, decoder_width, decoder_depth, decoder_heads, norm_pix_loss)
+
+
+def from_official(
+    state_dict: Mapping[str, Any], config: MAEConfig, encoder_only_ok: bool = True, *, decoder_seed: int = 0
+) -> nnx.State:
+    """The mae_jax state of an official state_dict, checked key by key and shape by shape against `config`.
+
+    An encoder-only file (the released `mae_pretrain_vit_*.pth`) is accepted when `encoder_only_ok`: the
+    decoder then is the one of a fresh `MAE(config, rngs=nnx.Rngs(decoder_seed))`, with the fixed sin-cos
+    decoder position table. Any other difference raises one ValueError that lists every offending key.
+    """
+    state = checkpointing.abstract_model_state(config)
+    expected = {}  # official key -> (mae_jax path, axes, abstract leaf)
+    for path, leaf in _flatten(state.to_pure_dict()):
+        key, axes = official_key(path)
+        expected[key] = (path, axes, leaf)
+
+    decoder_keys = {key for key, (path, _, _) in expected.items() if path.startswith("decoder.")}
+    missing = set(expected) - set(state_dict)
+    fresh_decoder = encoder_only_ok and decoder_keys <= missing and not decoder_keys & set(state_dict)
+    if fresh_decoder:
+        missing -= decoder_keys
+    unexpected = set(state_dict) - set(expected)
+    mismatched = []
+    for key in sorted(set(expected) & set(state_dict), key=_natural):
+        path, axes, leaf = expected[key]
+        official_shape = tuple(leaf.shape) if axes is None else tuple(leaf.shape[a] for a in _inverse(axes))
+        if tuple(state_dict[key].shape) != official_shape:
+            mismatched.append(f"{key}: file {tuple(state_dict[key].shape)} vs model {official_shape}")
+    if missing or unexpected or mismatched:
+        problems = []
+        if missing:
+            problems.append(f"missing {sorted(missing, key=_natural)}")
+        if unexpected:
+            problems.append(f"unexpected {sorted(unexpected, key=_natural)}")
+        if mismatched:
+            problems.append(f"shape mismatch [{', '.join(mismatched)}]")
+        message = f"checkpoint does not match {describe(config)}: {'; '.join(problems)}"
+        if any(key.startswith(_CLASSIFIER_PREFIXES) for key in unexpected):
+            message += " (head.*/fc_norm.* belong to a fine-tuned classifier, not to an MAE pretraining checkpoint)"
+        raise ValueError(message)
+
+    pure = state.to_pure_dict()
+    if fresh_decoder:
+        logging.warning("Checkpoint has no decoder (encoder-only file): the decoder is a fresh init of "
+                        "MAE(config, rngs=nnx.Rngs(%d)) with the fixed sin-cos position table.", decoder_seed)
+        pure["decoder"] = nnx.state(MAE(config, rngs=nnx.Rngs(decoder_seed))).to_pure_dict()["decoder"]
+    for key in set(expected) & set(state_dict):
+        path, axes, leaf = expected[key]
+        array = _to_numpy(state_dict[key])
+        _set(pure, path, jnp.asarray(array if axes is None else array.transpose(axes), dtype=leaf.dtype))
+    _warn_on_unusual_position_tables(pure, config)
+    nnx.replace_by_pure_dict(state, pure)
+    return state
+
+
+def _warn_on_unusual_position_tables(pure: dict, config: MAEConfig) -> None:
+    """Position tables are fixed; one that is not the official sin-cos table is loaded as is, but flagged."""
+    grid = config.encoder.grid_size
+    for part, width in (("encoder", config.encoder.width), ("decoder", config.decoder_width)):
+        error = float(np.max(np.abs(np.asarray(pure[part]["pos_embed"])[0] - sincos_2d(width, grid))))
+        if error > 1e-5:
+            logging.warning("The %s position table differs from the sin-cos table by up to %.3g", part, error)
+
+
+def load_pth(path: str) -> dict[str, np.ndarray]:
+    """An official `.pth` file's state_dict (its 'model' entry if present), without unpickling code."""
+    import argparse as _argparse  # official training checkpoints also store their argparse `args`
+
+    import torch
+
+    with torch.serialization.safe_globals([_argparse.Namespace]):
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    state_dict = checkpoint.get("model", checkpoint)
+    return {key: _to_numpy(value) for key, value in state_dict.items()}
+
+
+def save_pth(path: str, state_dict: Mapping[str, np.ndarray]) -> None:
+    """Write `{'model': state_dict}` as the official code does, with contiguous float32 tensors."""
+    import torch
+
+    model = {key: torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32)) for key, value in state_dict.items()}
+    torch.save({"model": model}, path)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m mae_jax.convert", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    importer = commands.add_parser("import", help="official .pth -> mae_jax parameter directory")
+    importer.add_argument("pth")
+    importer.add_argument("out_dir")
+    importer.add_argument("--variant", help="e.g. B/16; inferred from the file when left out")
+    importer.add_argument("--image-size", type=int, help="inferred from the position table when left out")
+    importer.add_argument("--num-heads", type=int, help="encoder heads, for widths and depths of no known variant")
+    importer.add_argument("--decoder-heads", type=int, default=OFFICIAL_DECODER_HEADS)
+    importer.add_argument("--norm-pix-loss", action=argparse.BooleanOptionalAction, default=True,
+                          help="the loss the file was trained with (mae_visualize_* files: --no-norm-pix-loss)")
+    importer.add_argument("--decoder-seed", type=int, default=0, help="decoder init for encoder-only files")
+    exporter = commands.add_parser("export", help="mae_jax parameter directory -> official .pth")
+    exporter.add_argument("params_dir")
+    exporter.add_argument("out_pth")
+    exporter.add_argument("--encoder-only", action="store_true", help="leave out the decoder")
+    args = parser.parse_args(argv)
+    logging.set_verbosity(logging.INFO)
+
+    if args.command == "import":
+        state_dict = load_pth(args.pth)
+        config = infer_config(state_dict, variant=args.variant, image_size=args.image_size, num_heads=args.num_heads,
+                              decoder_heads=args.decoder_heads, norm_pix_loss=args.norm_pix_loss)
+        state = from_official(state_dict, config, decoder_seed=args.decoder_seed)
+        checkpointing.save_params(args.out_dir, config, state)
+        logging.info("Wrote %s from %s to %s", describe(config), args.pth, args.out_dir)
+    else:
+        config, state = checkpointing.load_params(args.params_dir)
+        save_pth(args.out_pth, to_official(state, encoder_only=args.encoder_only))
+        logging.info("Wrote %s%s to %s", describe(config), " (encoder only)" * args.encoder_only, args.out_pth)
+
+
+if __name__ == "__main__":
+    main()

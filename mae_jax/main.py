@@ -1,0 +1,68 @@
+"""Command line: `python -m mae_jax.main --config=configs/vit_base.py --workdir=DIR [--config.key=value ...]`."""
+
+from __future__ import annotations
+
+import logging as std_logging
+import re
+import sys
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from mae_jax import train
+from mae_jax.configuration import ConfigError
+from mae_jax.input_pipeline import DatasetNotFoundError
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Directory (local or gs://) for checkpoints and summaries.")
+config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/vit_base.py.", lock_config=True)
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-host runs outside TPU/SLURM.")
+flags.DEFINE_integer("num_processes", None, "Number of processes, with --coordinator_address.")
+flags.DEFINE_integer("process_id", None, "This process's index, with --coordinator_address.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def initialize_distributed() -> None:
+    """Join the other hosts: explicit flags, or JAX's own detection on TPU VMs and under SLURM."""
+    if FLAGS.coordinator_address:
+        jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    elif FLAGS.num_processes is None:
+        try:
+            jax.distributed.initialize()
+        except (ValueError, RuntimeError):  # a single host with nothing to join
+            return
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's parser, with a bad `--config.key` override reported in one line instead of a traceback."""
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (AttributeError, KeyError) as error:
+        message = str(error.args[0] if error.args else error)  # ml_collections escapes quotes and newlines
+        message = re.sub(r"[\\']", "", message.replace("\\n", "; "))
+        sys.exit(f"error: bad config override: unknown key {message}")
+
+
+class QuietOrbax(std_logging.Filter):
+    """Orbax logs every step of every save at INFO; keep its warnings and errors only."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.get_absl_handler().addFilter(QuietOrbax())
+    initialize_distributed()
+    logging.info("JAX process %d of %d; %d local / %d global devices", jax.process_index(), jax.process_count(),
+                 jax.local_device_count(), jax.device_count())  # fmt: skip
+    try:
+        train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except (ConfigError, DatasetNotFoundError) as error:
+        sys.exit(f"error: {error}")
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,158 @@
+"""MAE pretraining: set-up, restore, the jitted step, the loop, the final save."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from clu import metric_writers
+from etils import epath
+from flax import nnx
+
+from mae_jax import checkpointing, configuration, input_pipeline, optim, reconstruction, sharding
+from mae_jax.models.mae import MAE, MAEConfig
+from mae_jax.models.vit import FixedEmbedding
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: nnx.State  # trained
+    fixed: nnx.State  # position tables: saved with the model, never trained
+    opt_state: optax.OptState
+
+
+def init_train_state(model_config: MAEConfig, tx: optax.GradientTransformation, seed: int) -> TrainState:
+    model = MAE(model_config, rngs=nnx.Rngs(params=seed))
+    _, params, fixed = nnx.split(model, nnx.Param, FixedEmbedding)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, fixed=fixed, opt_state=tx.init(params))
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef, tx: optax.GradientTransformation, lr_schedule: optax.Schedule, mask_ratio: float, seed: int
+) -> Callable[[TrainState, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
+    """One AdamW step; the masking noise is a function of (seed, step) alone, so resumed runs redraw it."""
+    noise_key = jax.random.key(seed + 1)
+
+    def train_step(state: TrainState, images: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
+        def loss_fn(params: nnx.State) -> jax.Array:
+            model = nnx.merge(graphdef, params, state.fixed)
+            noise = model.draw_noise(jax.random.fold_in(noise_key, state.step), images.shape[0])
+            return model(images, mask_ratio, noise=noise).loss
+
+        loss, grads = jax.value_and_grad(loss_fn)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        new_state = state.replace(
+            step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state
+        )
+        return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": lr_schedule(state.step)}
+
+    return train_step
+
+
+def schedule_steps(config: ml_collections.ConfigDict, num_examples: int) -> tuple[int, int]:
+    """(total_steps, warmup_steps) from the config's epochs, or its explicit step counts."""
+    steps_per_epoch = max(1, num_examples // config.batch_size)
+    total = config.total_steps if config.total_steps > 0 else config.num_epochs * steps_per_epoch
+    warmup = config.warmup_steps if config.warmup_steps >= 0 else config.warmup_epochs * steps_per_epoch
+    return total, min(warmup, total)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+    """Pretrain an MAE as `config` says, writing summaries and checkpoints to `workdir`."""
+    # ------------------------------------------------------------------------------------------------
+    # Set-up: everything that can fail on bad input fails here, before compiling.
+    # ------------------------------------------------------------------------------------------------
+    configuration.validate(config)
+    model_config = configuration.model_config(config)
+    workdir = epath.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    source = input_pipeline.make_source(config.dataset)
+    total_steps, warmup_steps = schedule_steps(config, len(source))
+    lr_schedule = optim.schedule(config, total_steps, warmup_steps)
+    tx = optim.make_optimizer(config, lr_schedule)
+
+    mesh = sharding.make_mesh()
+    replicated, batch_sharding = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+    logging.info("Config:\n%s", config)
+    logging.info("Data: %d examples; %d steps (%d warmup) of batch %d", len(source), total_steps, warmup_steps,
+                 config.batch_size)  # fmt: skip
+
+    # ------------------------------------------------------------------------------------------------
+    # Initialize, or restore the newest checkpoint in the workdir.
+    # ------------------------------------------------------------------------------------------------
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: MAE(model_config, rngs=nnx.Rngs(0))))
+    init = jax.jit(lambda: init_train_state(model_config, tx, config.seed), out_shardings=replicated)
+    manager = checkpointing.make_manager(workdir, config.keep_checkpoints)
+    abstract_state = jax.eval_shape(init)
+    abstract_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract_state)
+    state = checkpointing.restore_latest(manager, abstract_state)
+    if state is None:
+        state = init()
+        logging.info("Initialized %s", model_config)
+    else:
+        logging.info("Restored step %d from %s", int(state.step), manager.directory)
+    start_step = int(state.step)
+
+    train_step = jax.jit(
+        make_train_step(graphdef, tx, lr_schedule, config.mask_ratio, config.seed),
+        in_shardings=(replicated, batch_sharding),
+        out_shardings=(replicated, replicated),
+        donate_argnums=0,
+    )
+    reconstruct = reconstruction.make_reconstruct_fn(graphdef, config.mask_ratio)
+    vis_images = input_pipeline.fixed_eval_images(source, config.num_images, config.image_size)
+    vis_noise = jax.random.uniform(jax.random.key(config.seed + 2), (len(vis_images), model_config.encoder.num_patches))
+
+    def reconstruction_grid() -> np.ndarray:
+        return reconstruction.grid(np.asarray(reconstruct(state.params, state.fixed, vis_images, vis_noise)))
+
+    # ------------------------------------------------------------------------------------------------
+    # Train.
+    # ------------------------------------------------------------------------------------------------
+    batches = input_pipeline.device_prefetch(
+        input_pipeline.train_batches(source, config, start_step), batch_sharding
+    )
+    pending: list[dict[str, jax.Array]] = []
+    last_time, last_step = time.perf_counter(), start_step
+    for step in range(start_step + 1, total_steps + 1):
+        state, metrics = train_step(state, next(batches))
+        pending.append(metrics)
+        if step % config.log_every_steps == 0 or step == total_steps:
+            history = jax.device_get(pending)
+            summary = {k: float(np.mean([m[k] for m in history])) for k in ("loss", "grad_norm")}
+            now = time.perf_counter()
+            step_time = (now - last_time) / (step - last_step)
+            summary |= {
+                "lr": float(history[-1]["lr"]),
+                "step_time_s": step_time,
+                "images_per_sec": config.batch_size / step_time,
+                "eta_hours": (total_steps - step) * step_time / 3600,
+            }
+            writer.write_scalars(step, summary)
+            pending, last_time, last_step = [], now, step
+        if step % config.image_every_steps == 0:
+            writer.write_images(step, {"reconstruction": reconstruction_grid()[None]})
+        if step % config.checkpoint_every_steps == 0:
+            checkpointing.save(manager, step, state, config.to_dict())
+
+    # ------------------------------------------------------------------------------------------------
+    # Final save: checkpoint, reconstruction grid.
+    # ------------------------------------------------------------------------------------------------
+    if manager.latest_step() != total_steps:
+        checkpointing.save(manager, total_steps, state, config.to_dict())
+    manager.wait_until_finished()
+    final_grid = reconstruction_grid()
+    writer.write_images(total_steps, {"reconstruction": final_grid[None]})
+    if jax.process_index() == 0:
+        reconstruction.save_png(workdir / "reconstruction.png", final_grid)
+    writer.flush()
+    return state

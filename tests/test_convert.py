@@ -1,0 +1,200 @@
+"""Official PyTorch MAE checkpoints <-> mae_jax parameters: layout, round trips, error messages, CLI."""
+
+from __future__ import annotations
+
+import argparse
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from mae_jax import checkpointing, convert
+from mae_jax.models.mae import MAE, MAEConfig
+
+CONFIG = MAEConfig.from_variant("mu/8", 32, decoder_width=32, decoder_depth=1, decoder_heads=2)
+
+
+def _block_keys(prefix: str) -> list[str]:
+    names = ["norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2"]
+    return [f"{prefix}.{name}.{p}" for name in names for p in ("weight", "bias")]
+
+
+# The official layout, written out from the reference (not derived from convert.KEY_TABLE).
+ENCODER_KEYS = [
+    "cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias",
+    *_block_keys("blocks.0"), *_block_keys("blocks.1"), "norm.weight", "norm.bias",
+]
+DECODER_KEYS = [
+    "mask_token", "decoder_pos_embed", "decoder_embed.weight", "decoder_embed.bias", *_block_keys("decoder_blocks.0"),
+    "decoder_norm.weight", "decoder_norm.bias", "decoder_pred.weight", "decoder_pred.bias",
+]
+
+
+def perturbed_model(config: MAEConfig, seed: int) -> MAE:
+    """A random model whose every trained array differs from its init (norm scales, biases, tokens too)."""
+    model = MAE(config, rngs=nnx.Rngs(seed))
+    params = nnx.state(model, nnx.Param)
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed + 1000), len(leaves))
+    noisy = [leaf + 0.05 * jax.random.normal(key, leaf.shape) for leaf, key in zip(leaves, keys)]
+    nnx.update(model, jax.tree.unflatten(treedef, noisy))
+    return model
+
+
+@pytest.fixture(scope="module")
+def model() -> MAE:
+    return perturbed_model(CONFIG, seed=3)
+
+
+@pytest.fixture(scope="module")
+def official(model) -> dict[str, np.ndarray]:
+    return convert.to_official(nnx.state(model))
+
+
+def assert_states_equal(actual: nnx.State, expected: nnx.State) -> None:
+    actual, expected = actual.to_pure_dict(), expected.to_pure_dict()
+    assert jax.tree.structure(actual) == jax.tree.structure(expected)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(actual), jax.tree.leaves(expected)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(path))
+
+
+def forward(model: MAE, images, noise):
+    return nnx.jit(lambda m, x, u: m(x, 0.75, noise=u))(model, images, noise)
+
+
+def test_official_layout(model, official):
+    assert sorted(official) == sorted(ENCODER_KEYS + DECODER_KEYS)
+    assert all(v.dtype == np.float32 and v.flags.c_contiguous for v in official.values())
+    assert official["patch_embed.proj.weight"].shape == (64, 3, 8, 8)
+    assert official["blocks.1.attn.qkv.weight"].shape == (192, 64)
+    assert official["decoder_pred.weight"].shape == (8 * 8 * 3, 32)
+    np.testing.assert_array_equal(official["blocks.1.mlp.fc1.weight"], np.asarray(model.encoder.blocks[1].mlp.fc1.kernel).T)
+    np.testing.assert_array_equal(official["decoder_blocks.0.norm2.weight"], np.asarray(model.decoder.blocks[0].norm2.scale))
+    np.testing.assert_array_equal(official["decoder_pos_embed"], np.asarray(model.decoder.pos_embed))
+    # The converted conv weight computes the same patch tokens in PyTorch's NCHW convolution.
+    images = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
+    ours = model.encoder.patch_embed(jnp.asarray(images))
+    theirs = torch.nn.functional.conv2d(torch.from_numpy(images).permute(0, 3, 1, 2),
+                                        torch.from_numpy(official["patch_embed.proj.weight"]),
+                                        torch.from_numpy(official["patch_embed.proj.bias"]), stride=8)
+    np.testing.assert_allclose(np.asarray(ours), theirs.flatten(2).transpose(1, 2).numpy(), atol=1e-5)
+
+
+def test_encoder_state_alone_and_encoder_only_export(model, official):
+    encoder_only = {key: official[key] for key in ENCODER_KEYS}
+    for exported in (convert.to_official(nnx.state(model.encoder)), convert.to_official(nnx.state(model), encoder_only=True)):
+        assert sorted(exported) == sorted(ENCODER_KEYS)
+        for key, value in exported.items():
+            np.testing.assert_array_equal(value, encoder_only[key], err_msg=key)
+
+
+def test_round_trip_through_pth_file(model, official, tmp_path):
+    path = str(tmp_path / "mae.pth")
+    convert.save_pth(path, official)
+    loaded = convert.load_pth(path)
+    assert list(loaded) == list(official)
+    state = convert.from_official(loaded, CONFIG)
+    assert_states_equal(state, nnx.state(model))
+
+
+def test_official_dict_gives_same_forward(model, official):
+    rebuilt = MAE(CONFIG, rngs=nnx.Rngs(99))
+    nnx.update(rebuilt, convert.from_official(official, CONFIG))
+    rng = np.random.default_rng(1)
+    images = jnp.asarray(rng.normal(size=(3, 32, 32, 3)), jnp.float32)
+    noise = jnp.asarray(rng.uniform(size=(3, 16)), jnp.float32)
+    expected, actual = forward(model, images, noise), forward(rebuilt, images, noise)
+    assert float(actual.loss) == float(expected.loss)
+    np.testing.assert_array_equal(np.asarray(actual.pred), np.asarray(expected.pred))
+    np.testing.assert_array_equal(np.asarray(actual.latent), np.asarray(expected.latent))
+
+
+def test_load_pth_accepts_training_checkpoints_and_bare_state_dicts(official, tmp_path):
+    tensors = {key: torch.from_numpy(value) for key, value in official.items()}
+    torch.save({"model": tensors, "epoch": 3, "args": argparse.Namespace(lr=1e-3)}, tmp_path / "train.pth")
+    torch.save(tensors, tmp_path / "bare.pth")
+    for name in ("train.pth", "bare.pth"):
+        loaded = convert.load_pth(str(tmp_path / name))
+        assert sorted(loaded) == sorted(official)
+        np.testing.assert_array_equal(loaded["blocks.0.attn.qkv.weight"], official["blocks.0.attn.qkv.weight"])
+
+
+def test_encoder_only_file_loads_with_fresh_decoder(model, official, caplog):
+    encoder_only = {key: official[key] for key in ENCODER_KEYS}
+    with caplog.at_level("WARNING"):
+        state = convert.from_official(encoder_only, CONFIG, decoder_seed=7)
+    assert "no decoder" in caplog.text and "Rngs(7)" in caplog.text
+    assert_states_equal(state["encoder"], nnx.state(model)["encoder"])
+    assert_states_equal(state["decoder"], nnx.state(MAE(CONFIG, rngs=nnx.Rngs(7)))["decoder"])
+
+    with pytest.raises(ValueError, match="missing") as error:
+        convert.from_official(encoder_only, CONFIG, encoder_only_ok=False)
+    for key in DECODER_KEYS:
+        assert repr(key) in str(error.value)
+
+
+def test_partial_decoder_is_an_error(official):
+    partial = {key: value for key, value in official.items() if key != "decoder_norm.weight"}
+    with pytest.raises(ValueError, match=r"missing \['decoder_norm.weight'\]"):
+        convert.from_official(partial, CONFIG)
+
+
+def test_mismatches_are_reported_together(official):
+    broken = dict(official)
+    del broken["blocks.1.norm2.bias"]
+    broken["blocks.0.mlp.fc1.weight"] = np.zeros((100, 64), np.float32)
+    broken["head.weight"] = np.zeros((10, 64), np.float32)
+    broken["fc_norm.bias"] = np.zeros((64,), np.float32)
+    with pytest.raises(ValueError) as error:
+        convert.from_official(broken, CONFIG)
+    message = str(error.value)
+    assert message.startswith("checkpoint does not match ViT mu/8 MAE")
+    assert "missing ['blocks.1.norm2.bias']" in message
+    assert "unexpected ['fc_norm.bias', 'head.weight']" in message
+    assert "blocks.0.mlp.fc1.weight: file (100, 64) vs model (256, 64)" in message
+    assert "fine-tuned classifier" in message
+
+
+def test_wrong_variant_is_reported(official):
+    with pytest.raises(ValueError, match=r"does not match ViT Ti/8 MAE.*cls_token: file \(1, 1, 64\) vs model \(1, 1, 192\)"):
+        convert.from_official(official, MAEConfig.from_variant("Ti/8", 32, decoder_width=32, decoder_depth=1))
+
+
+def test_infer_config(official):
+    assert convert.infer_config(official, decoder_heads=2) == CONFIG
+    assert convert.infer_config(official, variant="mu/8", decoder_heads=2, norm_pix_loss=False) == MAEConfig(
+        CONFIG.encoder, 32, 1, 2, norm_pix_loss=False)
+    encoder_only = convert.infer_config({key: official[key] for key in ENCODER_KEYS})
+    assert encoder_only == MAEConfig(CONFIG.encoder)  # the official 512 x 8 decoder with 16 heads
+    unknown = {**official, "blocks.2.norm1.weight": np.zeros(64)}  # depth 3: no known variant
+    with pytest.raises(ValueError, match="number of heads"):
+        convert.infer_config(unknown)
+    assert convert.infer_config(unknown, num_heads=2).encoder.depth == 3
+
+
+def test_cli_import_export_round_trip(model, official, tmp_path):
+    pth = str(tmp_path / "in.pth")
+    convert.save_pth(pth, official)
+    convert.main(["import", pth, str(tmp_path / "params"), "--decoder-heads", "2"])
+    config, state = checkpointing.load_params(tmp_path / "params")
+    assert config == CONFIG
+    assert_states_equal(state, nnx.state(model))
+
+    convert.main(["export", str(tmp_path / "params"), str(tmp_path / "out.pth")])
+    convert.main(["export", str(tmp_path / "params"), str(tmp_path / "enc.pth"), "--encoder-only"])
+    exported = torch.load(tmp_path / "out.pth", map_location="cpu", weights_only=True)["model"]
+    assert list(exported) == list(official)
+    for key, value in exported.items():
+        assert value.dtype == torch.float32 and value.is_contiguous()
+        np.testing.assert_array_equal(value.numpy(), official[key], err_msg=key)
+    assert sorted(convert.load_pth(str(tmp_path / "enc.pth"))) == sorted(ENCODER_KEYS)
+
+    # An encoder-only file imports too, with the official decoder and the seed it was asked for.
+    convert.main(["import", str(tmp_path / "enc.pth"), str(tmp_path / "enc_params"), "--variant", "mu/8",
+                  "--decoder-seed", "5", "--no-norm-pix-loss"])
+    config, state = checkpointing.load_params(tmp_path / "enc_params")
+    assert config == MAEConfig(CONFIG.encoder, norm_pix_loss=False)
+    assert_states_equal(state["encoder"], nnx.state(model)["encoder"])
