@@ -31,7 +31,7 @@ def save_params(directory: str | epath.Path, config: MAEConfig, state: nnx.State
         raise FileExistsError(f"{directory / PARAMS_DIR} already exists; choose a new output directory")
     directory.mkdir(parents=True, exist_ok=True)
     with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save((directory / PARAMS_DIR).absolute(), state.to_pure_dict())
+        checkpointer.save((directory / PARAMS_DIR).absolute(), nnx.to_pure_dict(state))
     if jax.process_index() == 0:
         (directory / MODEL_CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2))
 
@@ -45,7 +45,7 @@ def load_params(directory: str | epath.Path) -> tuple[MAEConfig, nnx.State]:
     config = MAEConfig.from_dict(json.loads(config_file.read_text()))
     state = abstract_model_state(config)
     with ocp.StandardCheckpointer() as checkpointer:
-        pure = checkpointer.restore((directory / PARAMS_DIR).absolute(), state.to_pure_dict())
+        pure = checkpointer.restore((directory / PARAMS_DIR).absolute(), nnx.to_pure_dict(state))
     nnx.replace_by_pure_dict(state, pure)
     return config, state
 

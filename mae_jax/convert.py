@@ -37,8 +37,14 @@ PARAMS_OF_KIND: dict[str, tuple[tuple[str, str, tuple[int, ...] | None], ...]] =
 }
 
 # Submodules of a transformer block; the names are the same on both sides.
-_BLOCK = (("norm1", NORM), ("attn.qkv", LINEAR), ("attn.proj", LINEAR), ("norm2", NORM), ("mlp.fc1", LINEAR),
-          ("mlp.fc2", LINEAR))
+_BLOCK = (
+    ("norm1", NORM),
+    ("attn.qkv", LINEAR),
+    ("attn.proj", LINEAR),
+    ("norm2", NORM),
+    ("mlp.fc1", LINEAR),
+    ("mlp.fc2", LINEAR),
+)
 
 # (official module, mae_jax module path, kind); `{i}` is a block index.
 KEY_TABLE: tuple[tuple[str, str, str], ...] = (
@@ -65,27 +71,36 @@ class _Rule(NamedTuple):
     ours: re.Pattern[str]
     official: str  # format string with {i}
     axes: tuple[int, ...] | None  # official axes in mae_jax order: ours = official.transpose(axes)
+    section: int  # rules of one block share a section, so that keys sort block by block, in table order
 
 
 def _rules() -> list[_Rule]:
-    rules = []
+    rules, sections = [], {}
     for official, ours, kind in KEY_TABLE:
+        section = sections.setdefault(official.partition("{i}")[0] if "{i}" in official else official, len(sections))
         for official_suffix, our_suffix, axes in PARAMS_OF_KIND[kind]:
             our_path = ".".join(filter(None, (ours, our_suffix)))
             pattern = re.escape(our_path).replace(re.escape("{i}"), r"(?P<i>\d+)")
-            rules.append(_Rule(re.compile(pattern), ".".join(filter(None, (official, official_suffix))), axes))
+            official_key = ".".join(filter(None, (official, official_suffix)))
+            rules.append(_Rule(re.compile(pattern), official_key, axes, section))
     return rules
 
 
 _RULES = _rules()
 
 
+def _match(path: str) -> tuple[str, tuple[int, ...] | None, tuple[int, int, int]]:
+    for order, rule in enumerate(_RULES):
+        if match := rule.ours.fullmatch(path):
+            index = match.groupdict().get("i")
+            return rule.official.format(i=index), rule.axes, (rule.section, int(index or 0), order)
+    raise KeyError(f"no official key for mae_jax parameter {path!r}")
+
+
 def official_key(path: str) -> tuple[str, tuple[int, ...] | None]:
     """The official key of a mae_jax path like `encoder.blocks.3.attn.qkv.kernel`, and its axis permutation."""
-    for rule in _RULES:
-        if match := rule.ours.fullmatch(path):
-            return rule.official.format(**match.groupdict()), rule.axes
-    raise KeyError(f"no official key for mae_jax parameter {path!r}")
+    key, axes, _ = _match(path)
+    return key, axes
 
 
 def _inverse(axes: tuple[int, ...] | None) -> tuple[int, ...] | None:
@@ -123,23 +138,25 @@ def describe(config: MAEConfig) -> str:
     enc = config.encoder
     names = [name for name, shape in VARIANTS.items() if shape == (enc.width, enc.depth, enc.num_heads)]
     body = names[0] if names else f"(width {enc.width}, depth {enc.depth}, {enc.num_heads} heads)"
-    return (f"ViT {body}/{enc.patch_size} MAE at {enc.image_size} px with a {config.decoder_width}-wide "
-            f"{config.decoder_depth}-block decoder")
+    return (
+        f"ViT {body}/{enc.patch_size} MAE at {enc.image_size} px with a {config.decoder_width}-wide "
+        f"{config.decoder_depth}-block decoder"
+    )
 
 
 def to_official(state: nnx.State | Mapping, *, encoder_only: bool = False) -> dict[str, np.ndarray]:
     """The official state_dict of an `MAE` state (or an `Encoder` state alone), as numpy arrays."""
-    pure = state.to_pure_dict() if isinstance(state, nnx.State) else state
+    pure = nnx.to_pure_dict(state) if isinstance(state, nnx.State) else state
     if "encoder" not in pure and "decoder" not in pure:
         pure = {"encoder": pure}  # the state of an `Encoder` module
-    out = {}
+    out = []
     for path, value in _flatten(pure):
         if encoder_only and path.startswith("decoder."):
             continue
-        key, axes = official_key(path)
+        key, axes, order = _match(path)
         array = np.asarray(jax.device_get(value))
-        out[key] = np.ascontiguousarray(array if axes is None else array.transpose(_inverse(axes)))
-    return out
+        out.append((order, key, np.array(array if axes is None else array.transpose(_inverse(axes)), order="C")))
+    return {key: array for _, key, array in sorted(out, key=lambda item: item[0])}  # in the official module order
 
 
 def _block_count(state_dict: Mapping[str, Any], prefix: str) -> int:
@@ -207,13 +224,13 @@ def from_official(
     """
     state = checkpointing.abstract_model_state(config)
     expected = {}  # official key -> (mae_jax path, axes, abstract leaf)
-    for path, leaf in _flatten(state.to_pure_dict()):
+    for path, leaf in _flatten(nnx.to_pure_dict(state)):
         key, axes = official_key(path)
         expected[key] = (path, axes, leaf)
 
     decoder_keys = {key for key, (path, _, _) in expected.items() if path.startswith("decoder.")}
     missing = set(expected) - set(state_dict)
-    fresh_decoder = encoder_only_ok and decoder_keys <= missing and not decoder_keys & set(state_dict)
+    fresh_decoder = encoder_only_ok and decoder_keys <= missing
     if fresh_decoder:
         missing -= decoder_keys
     unexpected = set(state_dict) - set(expected)
@@ -236,11 +253,14 @@ def from_official(
             message += " (head.*/fc_norm.* belong to a fine-tuned classifier, not to an MAE pretraining checkpoint)"
         raise ValueError(message)
 
-    pure = state.to_pure_dict()
+    pure = nnx.to_pure_dict(state)
     if fresh_decoder:
-        logging.warning("Checkpoint has no decoder (encoder-only file): the decoder is a fresh init of "
-                        "MAE(config, rngs=nnx.Rngs(%d)) with the fixed sin-cos position table.", decoder_seed)
-        pure["decoder"] = nnx.state(MAE(config, rngs=nnx.Rngs(decoder_seed))).to_pure_dict()["decoder"]
+        logging.warning(
+            "Checkpoint has no decoder (encoder-only file): the decoder is a fresh init of "
+            "MAE(config, rngs=nnx.Rngs(%d)) with the fixed sin-cos position table.",
+            decoder_seed,
+        )
+        pure["decoder"] = nnx.to_pure_dict(nnx.state(MAE(config, rngs=nnx.Rngs(decoder_seed))))["decoder"]
     for key in set(expected) & set(state_dict):
         path, axes, leaf = expected[key]
         array = _to_numpy(state_dict[key])
@@ -261,11 +281,9 @@ def _warn_on_unusual_position_tables(pure: dict, config: MAEConfig) -> None:
 
 def load_pth(path: str) -> dict[str, np.ndarray]:
     """An official `.pth` file's state_dict (its 'model' entry if present), without unpickling code."""
-    import argparse as _argparse  # official training checkpoints also store their argparse `args`
-
     import torch
 
-    with torch.serialization.safe_globals([_argparse.Namespace]):
+    with torch.serialization.safe_globals([argparse.Namespace]):  # training checkpoints also hold their `args`
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     state_dict = checkpoint.get("model", checkpoint)
     return {key: _to_numpy(value) for key, value in state_dict.items()}
@@ -275,7 +293,7 @@ def save_pth(path: str, state_dict: Mapping[str, np.ndarray]) -> None:
     """Write `{'model': state_dict}` as the official code does, with contiguous float32 tensors."""
     import torch
 
-    model = {key: torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32)) for key, value in state_dict.items()}
+    model = {key: torch.tensor(np.asarray(value, dtype=np.float32)).contiguous() for key, value in state_dict.items()}
     torch.save({"model": model}, path)
 
 
@@ -289,8 +307,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     importer.add_argument("--image-size", type=int, help="inferred from the position table when left out")
     importer.add_argument("--num-heads", type=int, help="encoder heads, for widths and depths of no known variant")
     importer.add_argument("--decoder-heads", type=int, default=OFFICIAL_DECODER_HEADS)
-    importer.add_argument("--norm-pix-loss", action=argparse.BooleanOptionalAction, default=True,
-                          help="the loss the file was trained with (mae_visualize_* files: --no-norm-pix-loss)")
+    importer.add_argument(
+        "--norm-pix-loss",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the loss the file was trained with (mae_visualize_* files: --no-norm-pix-loss)",
+    )
     importer.add_argument("--decoder-seed", type=int, default=0, help="decoder init for encoder-only files")
     exporter = commands.add_parser("export", help="mae_jax parameter directory -> official .pth")
     exporter.add_argument("params_dir")
@@ -301,8 +323,14 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     if args.command == "import":
         state_dict = load_pth(args.pth)
-        config = infer_config(state_dict, variant=args.variant, image_size=args.image_size, num_heads=args.num_heads,
-                              decoder_heads=args.decoder_heads, norm_pix_loss=args.norm_pix_loss)
+        config = infer_config(
+            state_dict,
+            variant=args.variant,
+            image_size=args.image_size,
+            num_heads=args.num_heads,
+            decoder_heads=args.decoder_heads,
+            norm_pix_loss=args.norm_pix_loss,
+        )
         state = from_official(state_dict, config, decoder_seed=args.decoder_seed)
         checkpointing.save_params(args.out_dir, config, state)
         logging.info("Wrote %s from %s to %s", describe(config), args.pth, args.out_dir)

@@ -41,7 +41,7 @@ class DemoPhotos(Sequence):
     """scikit-image's bundled sample photographs as a random-access source."""
 
     def __init__(self):
-        from skimage import data  # noqa: PLC0415 - only the demo needs scikit-image
+        from skimage import data
 
         self._images = [getattr(data, name)() for name in DEMO_PHOTOS]
 
@@ -53,7 +53,7 @@ class DemoPhotos(Sequence):
 
 
 def tfds_source(name: str, split: str, data_dir: str | None) -> Sequence:
-    import tensorflow_datasets as tfds  # noqa: PLC0415 - heavy import, not needed by the demo
+    import tensorflow_datasets as tfds
 
     try:
         return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
@@ -174,8 +174,6 @@ def fixed_eval_images(source: Sequence, count: int, size: int) -> np.ndarray:
     """The first `count` images of the source, center-cropped: the same samples at every visualization."""
     count = min(count, len(source))
     return np.stack([eval_transform(source[i]["image"], size) for i in range(count)])
-
-
 
 
 def device_prefetch(batches: Iterator[np.ndarray], sharding: jax.sharding.Sharding, size: int = 2) -> Iterator:

@@ -29,6 +29,4 @@ def decay_mask(params) -> object:
 
 
 def make_optimizer(config: ml_collections.ConfigDict, lr_schedule: optax.Schedule) -> optax.GradientTransformation:
-    return optax.adamw(
-        lr_schedule, b1=config.b1, b2=config.b2, weight_decay=config.weight_decay, mask=decay_mask
-    )
+    return optax.adamw(lr_schedule, b1=config.b1, b2=config.b2, weight_decay=config.weight_decay, mask=decay_mask)

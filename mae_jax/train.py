@@ -52,7 +52,7 @@ def make_train_step(
         new_state = state.replace(
             step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state
         )
-        return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": lr_schedule(state.step)}
+        return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": lr_schedule(state.step)}
 
     return train_step
 
@@ -62,7 +62,10 @@ def schedule_steps(config: ml_collections.ConfigDict, num_examples: int) -> tupl
     steps_per_epoch = max(1, num_examples // config.batch_size)
     total = config.total_steps if config.total_steps > 0 else config.num_epochs * steps_per_epoch
     warmup = config.warmup_steps if config.warmup_steps >= 0 else config.warmup_epochs * steps_per_epoch
-    return total, min(warmup, total)
+    if warmup >= total:
+        logging.warning("warmup of %d steps is not shorter than the run (%d steps); using %d", warmup, total, total - 1)
+        warmup = total - 1
+    return total, warmup
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
@@ -118,28 +121,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     # ------------------------------------------------------------------------------------------------
     # Train.
     # ------------------------------------------------------------------------------------------------
-    batches = input_pipeline.device_prefetch(
-        input_pipeline.train_batches(source, config, start_step), batch_sharding
-    )
+    batches = input_pipeline.device_prefetch(input_pipeline.train_batches(source, config, start_step), batch_sharding)
     pending: list[dict[str, jax.Array]] = []
     last_time, last_step = time.perf_counter(), start_step
     for step in range(start_step + 1, total_steps + 1):
         state, metrics = train_step(state, next(batches))
         pending.append(metrics)
+        if step == start_step + 1:  # time steps, not the compile
+            jax.block_until_ready(state)
+            last_time, last_step = time.perf_counter(), step
         if step % config.log_every_steps == 0 or step == total_steps:
             history = jax.device_get(pending)
             summary = {k: float(np.mean([m[k] for m in history])) for k in ("loss", "grad_norm")}
+            summary["lr"] = float(history[-1]["lr"])
             now = time.perf_counter()
-            step_time = (now - last_time) / (step - last_step)
-            summary |= {
-                "lr": float(history[-1]["lr"]),
-                "step_time_s": step_time,
-                "images_per_sec": config.batch_size / step_time,
-                "eta_hours": (total_steps - step) * step_time / 3600,
-            }
+            if step > last_step:  # the first step (the compile) is not timed
+                step_time = (now - last_time) / (step - last_step)
+                summary |= {
+                    "step_time_s": step_time,
+                    "images_per_sec": config.batch_size / step_time,
+                    "eta_hours": (total_steps - step) * step_time / 3600,
+                }
             writer.write_scalars(step, summary)
             pending, last_time, last_step = [], now, step
-        if step % config.image_every_steps == 0:
+        if step % config.image_every_steps == 0 and step != total_steps:  # the last one is written below
             writer.write_images(step, {"reconstruction": reconstruction_grid()[None]})
         if step % config.checkpoint_every_steps == 0:
             checkpointing.save(manager, step, state, config.to_dict())

@@ -24,23 +24,34 @@ def _block_keys(prefix: str) -> list[str]:
 
 # The official layout, written out from the reference (not derived from convert.KEY_TABLE).
 ENCODER_KEYS = [
-    "cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias",
-    *_block_keys("blocks.0"), *_block_keys("blocks.1"), "norm.weight", "norm.bias",
+    "cls_token",
+    "pos_embed",
+    "patch_embed.proj.weight",
+    "patch_embed.proj.bias",
+    *_block_keys("blocks.0"),
+    *_block_keys("blocks.1"),
+    "norm.weight",
+    "norm.bias",
 ]
 DECODER_KEYS = [
-    "mask_token", "decoder_pos_embed", "decoder_embed.weight", "decoder_embed.bias", *_block_keys("decoder_blocks.0"),
-    "decoder_norm.weight", "decoder_norm.bias", "decoder_pred.weight", "decoder_pred.bias",
+    "mask_token",
+    "decoder_pos_embed",
+    "decoder_embed.weight",
+    "decoder_embed.bias",
+    *_block_keys("decoder_blocks.0"),
+    "decoder_norm.weight",
+    "decoder_norm.bias",
+    "decoder_pred.weight",
+    "decoder_pred.bias",
 ]
 
 
 def perturbed_model(config: MAEConfig, seed: int) -> MAE:
     """A random model whose every trained array differs from its init (norm scales, biases, tokens too)."""
     model = MAE(config, rngs=nnx.Rngs(seed))
-    params = nnx.state(model, nnx.Param)
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(seed + 1000), len(leaves))
-    noisy = [leaf + 0.05 * jax.random.normal(key, leaf.shape) for leaf, key in zip(leaves, keys)]
-    nnx.update(model, jax.tree.unflatten(treedef, noisy))
+    rng = np.random.default_rng(seed)
+    params = nnx.state(model, nnx.Param)  # not the fixed position tables
+    nnx.update(model, jax.tree.map(lambda x: x + 0.05 * rng.standard_normal(x.shape, np.float32), params))
     return model
 
 
@@ -55,14 +66,15 @@ def official(model) -> dict[str, np.ndarray]:
 
 
 def assert_states_equal(actual: nnx.State, expected: nnx.State) -> None:
-    actual, expected = actual.to_pure_dict(), expected.to_pure_dict()
+    actual, expected = nnx.to_pure_dict(actual), nnx.to_pure_dict(expected)
     assert jax.tree.structure(actual) == jax.tree.structure(expected)
-    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(actual), jax.tree.leaves(expected)):
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(actual), jax.tree.leaves(expected), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(path))
 
 
+@nnx.jit
 def forward(model: MAE, images, noise):
-    return nnx.jit(lambda m, x, u: m(x, 0.75, noise=u))(model, images, noise)
+    return model(images, 0.75, noise=noise)
 
 
 def test_official_layout(model, official):
@@ -71,21 +83,26 @@ def test_official_layout(model, official):
     assert official["patch_embed.proj.weight"].shape == (64, 3, 8, 8)
     assert official["blocks.1.attn.qkv.weight"].shape == (192, 64)
     assert official["decoder_pred.weight"].shape == (8 * 8 * 3, 32)
-    np.testing.assert_array_equal(official["blocks.1.mlp.fc1.weight"], np.asarray(model.encoder.blocks[1].mlp.fc1.kernel).T)
-    np.testing.assert_array_equal(official["decoder_blocks.0.norm2.weight"], np.asarray(model.decoder.blocks[0].norm2.scale))
+    encoder, decoder = model.encoder, model.decoder
+    np.testing.assert_array_equal(official["blocks.1.mlp.fc1.weight"], np.asarray(encoder.blocks[1].mlp.fc1.kernel).T)
+    np.testing.assert_array_equal(official["decoder_blocks.0.norm2.weight"], np.asarray(decoder.blocks[0].norm2.scale))
     np.testing.assert_array_equal(official["decoder_pos_embed"], np.asarray(model.decoder.pos_embed))
     # The converted conv weight computes the same patch tokens in PyTorch's NCHW convolution.
     images = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
     ours = model.encoder.patch_embed(jnp.asarray(images))
-    theirs = torch.nn.functional.conv2d(torch.from_numpy(images).permute(0, 3, 1, 2),
-                                        torch.from_numpy(official["patch_embed.proj.weight"]),
-                                        torch.from_numpy(official["patch_embed.proj.bias"]), stride=8)
+    theirs = torch.nn.functional.conv2d(
+        torch.from_numpy(images).permute(0, 3, 1, 2),
+        torch.from_numpy(official["patch_embed.proj.weight"]),
+        torch.from_numpy(official["patch_embed.proj.bias"]),
+        stride=8,
+    )
     np.testing.assert_allclose(np.asarray(ours), theirs.flatten(2).transpose(1, 2).numpy(), atol=1e-5)
 
 
 def test_encoder_state_alone_and_encoder_only_export(model, official):
     encoder_only = {key: official[key] for key in ENCODER_KEYS}
-    for exported in (convert.to_official(nnx.state(model.encoder)), convert.to_official(nnx.state(model), encoder_only=True)):
+    exports = convert.to_official(nnx.state(model.encoder)), convert.to_official(nnx.state(model), encoder_only=True)
+    for exported in exports:
         assert sorted(exported) == sorted(ENCODER_KEYS)
         for key, value in exported.items():
             np.testing.assert_array_equal(value, encoder_only[key], err_msg=key)
@@ -159,14 +176,16 @@ def test_mismatches_are_reported_together(official):
 
 
 def test_wrong_variant_is_reported(official):
-    with pytest.raises(ValueError, match=r"does not match ViT Ti/8 MAE.*cls_token: file \(1, 1, 64\) vs model \(1, 1, 192\)"):
+    expected = r"does not match ViT Ti/8 MAE.*cls_token: file \(1, 1, 64\) vs model \(1, 1, 192\)"
+    with pytest.raises(ValueError, match=expected):
         convert.from_official(official, MAEConfig.from_variant("Ti/8", 32, decoder_width=32, decoder_depth=1))
 
 
 def test_infer_config(official):
     assert convert.infer_config(official, decoder_heads=2) == CONFIG
     assert convert.infer_config(official, variant="mu/8", decoder_heads=2, norm_pix_loss=False) == MAEConfig(
-        CONFIG.encoder, 32, 1, 2, norm_pix_loss=False)
+        CONFIG.encoder, 32, 1, 2, norm_pix_loss=False
+    )
     encoder_only = convert.infer_config({key: official[key] for key in ENCODER_KEYS})
     assert encoder_only == MAEConfig(CONFIG.encoder)  # the official 512 x 8 decoder with 16 heads
     unknown = {**official, "blocks.2.norm1.weight": np.zeros(64)}  # depth 3: no known variant
@@ -193,8 +212,18 @@ def test_cli_import_export_round_trip(model, official, tmp_path):
     assert sorted(convert.load_pth(str(tmp_path / "enc.pth"))) == sorted(ENCODER_KEYS)
 
     # An encoder-only file imports too, with the official decoder and the seed it was asked for.
-    convert.main(["import", str(tmp_path / "enc.pth"), str(tmp_path / "enc_params"), "--variant", "mu/8",
-                  "--decoder-seed", "5", "--no-norm-pix-loss"])
+    convert.main(
+        [
+            "import",
+            str(tmp_path / "enc.pth"),
+            str(tmp_path / "enc_params"),
+            "--variant",
+            "mu/8",
+            "--decoder-seed",
+            "5",
+            "--no-norm-pix-loss",
+        ]
+    )
     config, state = checkpointing.load_params(tmp_path / "enc_params")
     assert config == MAEConfig(CONFIG.encoder, norm_pix_loss=False)
     assert_states_equal(state["encoder"], nnx.state(model)["encoder"])

@@ -19,7 +19,7 @@ NORM_PIX_EPS = 1e-6
 class MAEConfig:
     """Encoder shape plus the decoder and loss settings of the official `MaskedAutoencoderViT`."""
 
-    encoder: EncoderConfig = EncoderConfig()
+    encoder: EncoderConfig = dataclasses.field(default_factory=EncoderConfig)
     decoder_width: int = 512
     decoder_depth: int = 8
     decoder_heads: int = 16
@@ -56,7 +56,7 @@ def num_kept(num_patches: int, mask_ratio: float) -> int:
 
 def random_masking(tokens: jax.Array, noise: jax.Array, mask_ratio: float) -> Masking:
     """Keep the tokens with the smallest noise, as the official `random_masking` does."""
-    n, length, _ = tokens.shape
+    length = tokens.shape[1]
     len_keep = num_kept(length, mask_ratio)
     ids_shuffle = jnp.argsort(noise, axis=1)
     ids_restore = jnp.argsort(ids_shuffle, axis=1)
@@ -72,11 +72,13 @@ def patchify(images: jax.Array, patch_size: int) -> jax.Array:
 
 def unpatchify(patches: jax.Array, patch_size: int) -> jax.Array:
     """(N, L, p*p*3) -> NHWC images; the inverse of `patchify` for square grids."""
-    grid = int(round(patches.shape[1] ** 0.5))
+    grid = round(patches.shape[1] ** 0.5)
     return einops.rearrange(patches, "n (h w) (p q c) -> n (h p) (w q) c", h=grid, w=grid, p=patch_size, q=patch_size)
 
 
-def reconstruction_loss(images: jax.Array, pred: jax.Array, mask: jax.Array, patch_size: int, norm_pix: bool) -> jax.Array:
+def reconstruction_loss(
+    images: jax.Array, pred: jax.Array, mask: jax.Array, patch_size: int, norm_pix: bool
+) -> jax.Array:
     """Per-patch MSE averaged over removed patches of the whole batch; norm-pix uses unbiased variance."""
     target = patchify(images, patch_size)
     if norm_pix:

@@ -1,0 +1,41 @@
+"""Shared tiny models and configs: CPU compiles are the slow part, so tests reuse them."""
+
+from __future__ import annotations
+
+import pathlib
+
+import pytest
+from flax import nnx
+
+from mae_jax.models.mae import MAE, MAEConfig
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TINY = MAEConfig.from_variant("mu/8", 32, decoder_width=32, decoder_depth=1, decoder_heads=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> MAE:
+    return MAE(TINY, rngs=nnx.Rngs(0))
+
+
+def tiny_train_config(**overrides):
+    """The demo config shrunk to a few seconds per compile; overrides are dotted keys."""
+    from configs import demo
+
+    config = demo.get_config()
+    config.image_size = 32
+    config.model.decoder_width = 32
+    config.model.decoder_depth = 1
+    config.model.decoder_heads = 2
+    config.batch_size = 8
+    config.total_steps = 2
+    config.warmup_steps = 1
+    config.num_images = 2
+    config.input.num_threads = 2
+    for key, value in overrides.items():
+        target = config
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            target = target[parent]
+        target[leaf] = value
+    return config

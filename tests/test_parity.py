@@ -1,0 +1,180 @@
+"""Parity with an implementation we did not write: transformers' `ViTMAEForPreTraining`, same weights and noise.
+
+Our weights go to the official layout (`convert.to_official`) and from there to transformers' names. Loss,
+predictions, mask and the encoder latent must agree within 1e-5 (max abs), in float32, at a tiny size and at
+ViT-B/16 224 px. Norm scales, biases and the tokens are moved away from their init so that, e.g., swapped
+norm1/norm2 or a q/k/v split in the wrong order would show.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+
+import jax
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from mae_jax import convert
+from mae_jax.models.mae import MAE, MAEConfig
+
+transformers = pytest.importorskip("transformers")
+
+TOLERANCE = 1e-5
+SIZES = {
+    "tiny": (MAEConfig.from_variant("mu/8", 32, decoder_width=32, decoder_depth=1, decoder_heads=2), 4),
+    "B/16": (MAEConfig.from_variant("B/16", 224), 2),  # the official 512 x 8 decoder with 16 heads
+}
+
+# Official module -> transformers module; transformer blocks are mapped in `official_to_hf`.
+HF_MODULES = {
+    "cls_token": "vit.embeddings.cls_token",
+    "pos_embed": "vit.embeddings.position_embeddings",
+    "patch_embed.proj": "vit.embeddings.patch_embeddings.projection",
+    "norm": "vit.layernorm",
+    "mask_token": "decoder.mask_token",
+    "decoder_pos_embed": "decoder.decoder_pos_embed",
+    "decoder_embed": "decoder.decoder_embed",
+    "decoder_norm": "decoder.decoder_norm",
+    "decoder_pred": "decoder.decoder_pred",
+}
+HF_BLOCK = {
+    "norm1": "layernorm_before",
+    "attn.proj": "attention.o_proj",
+    "norm2": "layernorm_after",
+    "mlp.fc1": "mlp.fc1",
+    "mlp.fc2": "mlp.fc2",
+}
+
+
+def official_to_hf(state_dict: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in state_dict.items():
+        tensor = torch.from_numpy(np.array(value))
+        if block := re.fullmatch(r"(decoder_)?blocks\.(\d+)\.(.+)\.(weight|bias)", key):
+            prefix = f"{'decoder.decoder_layers' if block[1] else 'vit.layers'}.{block[2]}"
+            if block[3] == "attn.qkv":  # official: one linear with outputs q|k|v; transformers: three linears
+                for name, part in zip(("q_proj", "k_proj", "v_proj"), tensor.chunk(3, dim=0), strict=True):
+                    out[f"{prefix}.attention.{name}.{block[4]}"] = part.contiguous()
+            else:
+                out[f"{prefix}.{HF_BLOCK[block[3]]}.{block[4]}"] = tensor
+        else:
+            module, _, param = key.rpartition(".") if key.endswith((".weight", ".bias")) else (key, "", "")
+            out[".".join(filter(None, (HF_MODULES[module], param)))] = tensor
+    return out
+
+
+def hf_config(config: MAEConfig) -> transformers.ViTMAEConfig:
+    enc = config.encoder
+    return transformers.ViTMAEConfig(
+        hidden_size=enc.width,
+        num_hidden_layers=enc.depth,
+        num_attention_heads=enc.num_heads,
+        intermediate_size=enc.mlp_ratio * enc.width,
+        image_size=enc.image_size,
+        patch_size=enc.patch_size,
+        decoder_hidden_size=config.decoder_width,
+        decoder_num_hidden_layers=config.decoder_depth,
+        decoder_num_attention_heads=config.decoder_heads,
+        decoder_intermediate_size=enc.mlp_ratio * config.decoder_width,
+        mask_ratio=0.75,
+        norm_pix_loss=config.norm_pix_loss,
+        layer_norm_eps=1e-6,
+        hidden_act="gelu",
+        qkv_bias=True,
+    )
+
+
+def perturbed_state(config: MAEConfig, seed: int) -> nnx.State:
+    """A random-init model with every norm scale and bias, every linear bias and both tokens moved off init."""
+    rng = np.random.default_rng(seed)
+    model = MAE(config, rngs=nnx.Rngs(seed))
+
+    def perturb(path, x):
+        name = path[-1].key
+        if name == "scale":
+            return x + 0.2 * rng.standard_normal(x.shape, np.float32)
+        if name in ("bias", "cls_token", "mask_token"):
+            return x + 0.1 * rng.standard_normal(x.shape, np.float32)
+        return x
+
+    params = nnx.state(model, nnx.Param)  # not the fixed position tables
+    nnx.replace_by_pure_dict(params, jax.tree_util.tree_map_with_path(perturb, nnx.to_pure_dict(params)))
+    nnx.update(model, params)
+    return nnx.state(model)
+
+
+@functools.cache
+def prepared(size: str):
+    """Our state and a transformers model holding the same weights, built once per size."""
+    torch.set_num_threads(2)
+    config, batch = SIZES[size]
+    state = perturbed_state(config, seed=7)
+    torch.manual_seed(0)
+    hf = transformers.ViTMAEForPreTraining(hf_config(config)).eval()
+    # transformers' own fixed sin-cos tables, as its init builds them (5.x skips re-initialising otherwise).
+    embeddings = hf.vit.embeddings
+    embeddings.patch_embeddings.projection._is_hf_initialized = False
+    embeddings.initialize_weights()
+    hf.decoder.initialize_weights(embeddings.patch_embeddings.num_patches)
+    hf_tables = (
+        embeddings.position_embeddings.detach().numpy().copy(),
+        hf.decoder.decoder_pos_embed.detach().numpy().copy(),
+    )
+    result = hf.load_state_dict(official_to_hf(convert.to_official(state)), strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    return config, batch, state, hf, hf_tables
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def our_forward(graphdef, state, images, noise, mask_ratio):
+    return nnx.merge(graphdef, state)(images, mask_ratio, noise=noise)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_position_tables_equal_transformers(size):
+    _, _, state, _, (hf_encoder_table, hf_decoder_table) = prepared(size)
+    np.testing.assert_array_equal(np.asarray(state["encoder"]["pos_embed"][...]), hf_encoder_table)
+    np.testing.assert_array_equal(np.asarray(state["decoder"]["pos_embed"][...]), hf_decoder_table)
+
+
+@pytest.mark.parametrize("mask_ratio", [0.75, 0.6])
+@pytest.mark.parametrize("norm_pix", [True, False], ids=["norm_pix", "pixels"])
+@pytest.mark.parametrize("size", SIZES)
+def test_forward_matches_transformers(size, norm_pix, mask_ratio, record_property):
+    config, batch, state, hf, _ = prepared(size)
+    config = MAEConfig(config.encoder, config.decoder_width, config.decoder_depth, config.decoder_heads, norm_pix)
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: MAE(config, rngs=nnx.Rngs(0))))
+    rng = np.random.default_rng([list(SIZES).index(size), norm_pix, round(100 * mask_ratio)])
+    size_px, num_patches = config.encoder.image_size, config.encoder.num_patches
+    images = rng.standard_normal((batch, size_px, size_px, 3), np.float32)
+    noise = rng.uniform(size=(batch, num_patches)).astype(np.float32)
+
+    with jax.default_matmul_precision("highest"):  # full float32 also where the default is lower (TF32 GPUs)
+        ours = jax.device_get(our_forward(graphdef, state, images, noise, mask_ratio))
+
+    assert hf.config is hf.vit.embeddings.config  # one config object: the masking reads mask_ratio from it
+    hf.config.mask_ratio, hf.config.norm_pix_loss = mask_ratio, norm_pix
+    latents = []
+    hook = hf.vit.register_forward_hook(lambda module, args, output: latents.append(output.last_hidden_state))
+    try:
+        with torch.no_grad():
+            theirs = hf(pixel_values=torch.from_numpy(images).permute(0, 3, 1, 2), noise=torch.from_numpy(noise))
+    finally:
+        hook.remove()
+
+    np.testing.assert_array_equal(ours.mask, theirs.mask.numpy())
+    diffs = {
+        "loss": abs(float(ours.loss) - float(theirs.loss)),
+        "pred": float(np.max(np.abs(ours.pred - theirs.logits.numpy()))),
+        "latent": float(np.max(np.abs(ours.latent - latents[0].numpy()))),
+    }
+    record_property("max_abs_diff", diffs)
+    print(
+        f"\n{size} norm_pix={norm_pix} mask_ratio={mask_ratio}: loss {float(ours.loss):.6f}, max abs diff "
+        + ", ".join(f"{name} {value:.2e}" for name, value in diffs.items())
+    )
+    assert ours.latent.shape == (batch, 1 + int(num_patches * (1 - mask_ratio)), config.encoder.width)
+    assert all(value <= TOLERANCE for value in diffs.values()), diffs
