@@ -18,7 +18,7 @@ from mae_jax.models.mae import MAE
 
 def test_decay_mask_follows_official_rule(tiny_model: MAE):
     params = nnx.state(tiny_model, nnx.Param)
-    mask = optim.decay_mask(params).to_pure_dict()
+    mask = nnx.to_pure_dict(optim.decay_mask(params))
     assert mask["encoder"]["cls_token"] and mask["decoder"]["mask_token"]  # tokens are decayed
     assert mask["encoder"]["blocks"][0]["attn"]["qkv"]["kernel"]
     assert mask["encoder"]["patch_embed"]["proj"]["kernel"]
