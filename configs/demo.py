@@ -13,12 +13,12 @@ def get_config():
     config.model.decoder_width = 64
     config.model.decoder_depth = 2
     config.model.decoder_heads = 4
-    config.batch_size = 32
-    config.total_steps = 600
-    config.warmup_steps = 50
-    config.base_lr = 1e-3
+    config.batch_size = 64
+    config.total_steps = 800
+    config.warmup_steps = 80
+    config.base_lr = 2e-3  # lr 5e-4: a model this small and a batch this size take a larger rate than the paper's
     config.log_every_steps = 50
     config.image_every_steps = 200
     config.num_images = 8
-    config.checkpoint_every_steps = 300
+    config.checkpoint_every_steps = 400
     return config
