@@ -7,7 +7,9 @@ model's parameters and fixed position tables). It is what `convert` reads and wr
 from __future__ import annotations
 
 import json
+from typing import Any
 
+import grain
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
@@ -59,16 +61,39 @@ def make_manager(workdir: str | epath.Path, keep: int) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(epath.Path(workdir).absolute() / "checkpoints", options=options)
 
 
-def save(manager: ocp.CheckpointManager, step: int, state, config: dict) -> None:
-    """Start an async save of the train state and the config that produced it."""
-    args = ocp.args.Composite(state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config))
+class DataState:
+    """A data-iterator state taken with its batch; grain's Orbax handler writes one file per process."""
+
+    def __init__(self, state: dict | None = None):
+        self.state = state
+
+    def get_state(self) -> bytes:
+        return json.dumps(self.state).encode()
+
+    def set_state(self, state: bytes) -> None:
+        self.state = json.loads(state)
+
+    def start_prefetch(self) -> None:
+        """grain's handler calls this after `set_state`; a snapshot has nothing to start."""
+
+
+def save(manager: ocp.CheckpointManager, step: int, state, data_state: dict, config: dict) -> None:
+    """Start an async save of the train state, every host's data-iterator state and the config."""
+    args = ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=grain.checkpoint.CheckpointSave(DataState(data_state)),
+        config=ocp.args.JsonSave(config),
+    )
     manager.save(step, args=args)
 
 
-def restore_latest(manager: ocp.CheckpointManager, abstract_state):
-    """The newest complete train state, placed with the shardings of `abstract_state`; None if there is none."""
+def restore_latest(manager: ocp.CheckpointManager, abstract_state) -> tuple[Any, dict] | None:
+    """The newest complete (train state, this host's data-iterator state), placed as `abstract_state` says."""
     step = manager.latest_step()
     if step is None:
         return None
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
-    return restored.state
+    args = ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(DataState())
+    )
+    restored = manager.restore(step, args=args)
+    return restored.state, restored.data.state

@@ -24,13 +24,16 @@ def base_config() -> ml_collections.ConfigDict:
     config.seed = 0
 
     config.dataset = ml_collections.ConfigDict()
-    config.dataset.source = "tfds"  # "tfds" or "demo" (scikit-image's bundled photographs)
+    # "tfds": dataset `name` from TFDS; "folder": `data_dir`/`split`/<class>/<image>, the ImageNet layout;
+    # "demo": scikit-image's bundled photographs.
+    config.dataset.source = "tfds"
     config.dataset.name = "imagenet2012"
     config.dataset.split = "train"
-    config.dataset.data_dir = config_dict.placeholder(str)  # None: TFDS's default (~/tensorflow_datasets)
+    config.dataset.data_dir = config_dict.placeholder(str)  # None with tfds: ~/tensorflow_datasets
 
     config.input = ml_collections.ConfigDict()
-    config.input.num_threads = 16  # decoding/augmenting threads per host
+    config.input.num_threads = 16  # decoding/augmenting threads per host (per worker process with num_workers)
+    config.input.num_workers = 0  # > 0: that many grain worker processes per host
     config.input.prefetch = 64  # examples read ahead per host
 
     config.image_size = 224
@@ -110,8 +113,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError("set num_epochs > 0 or total_steps > 0")
     if config.base_lr <= 0 or config.min_lr < 0:
         raise ConfigError(f"base_lr={config.base_lr} must be > 0 and min_lr={config.min_lr} >= 0")
-    if config.dataset.source not in ("tfds", "demo"):
-        raise ConfigError(f"dataset.source={config.dataset.source!r} must be 'tfds' or 'demo'")
+    if config.dataset.source not in ("tfds", "folder", "demo"):
+        raise ConfigError(f"dataset.source={config.dataset.source!r} must be 'tfds', 'folder' or 'demo'")
+    if config.batch_size % jax.process_count():
+        raise ConfigError(f"batch_size={config.batch_size} is not a multiple of the {jax.process_count()} hosts")
     for key in ("log_every_steps", "image_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
         if config[key] < 1:
             raise ConfigError(f"{key}={config[key]} must be >= 1")

@@ -1,20 +1,29 @@
-"""Input pipeline: random-access source -> this host's shard -> shuffle -> augment -> batch (grain).
+"""Input pipeline: source -> this host's shard -> shuffle -> decode + augment -> drop bad images -> batch.
 
-Every source (a tfds dataset, or the demo photographs an installed package ships) is a random-access
-sequence of `{"image": uint8 HWC, ...}` records. Batch `k` of the pipeline depends only on the seed and
-`k`, so a run resumed at step `k` reads exactly the batches an uninterrupted run would.
+Sources are random-access sequences of records `{"image": encoded bytes or uint8 array, "label": int,
+"name": str}`: a TFDS dataset (`tfds.data_source`, ArrayRecord), an image folder in the ImageNet layout, or
+the photographs that scikit-image ships (the demo). grain reads them with threads (and optionally worker
+processes); element `i` of the shuffled stream and its augmentation depend only on the seed and `i`, and
+the iterator's state is saved with each checkpoint, so a resumed run reads the batches an uninterrupted
+one would. Images leave the host as uint8; mean/std normalization runs on the accelerator.
 """
 
 from __future__ import annotations
 
 import collections
+import functools
+import io
 import math
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import grain
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
+from etils import epath
 from PIL import Image
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
@@ -22,6 +31,8 @@ IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 CROP_SCALE = (0.2, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
 EVAL_RESIZE_RATIO = 256 / 224
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
+NO_LABEL = -1
 
 # scikit-image sample photographs that ship inside the package (no download), used by the demo.
 DEMO_PHOTOS = (
@@ -31,59 +42,108 @@ DEMO_PHOTOS = (
 
 
 class DatasetNotFoundError(RuntimeError):
-    """The configured data is not where the config says; the message says how to prepare it."""
+    """The configured data is missing or empty; the message says how to prepare it."""
 
 
 # ---------------------------------------------------------------------------------------------------
 # Sources
 # ---------------------------------------------------------------------------------------------------
 class DemoPhotos(Sequence):
-    """scikit-image's bundled sample photographs as a random-access source."""
+    """scikit-image's bundled sample photographs (unlabeled)."""
 
     def __init__(self):
-        from skimage import data
+        from skimage import data  # only the demo needs scikit-image
 
         self._images = [getattr(data, name)() for name in DEMO_PHOTOS]
 
     def __len__(self) -> int:
         return len(self._images)
 
-    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        return {"image": self._images[index]}
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {"image": self._images[index], "label": NO_LABEL, "name": DEMO_PHOTOS[index]}
 
 
-def tfds_source(name: str, split: str, data_dir: str | None) -> Sequence:
-    import tensorflow_datasets as tfds
+class ImageFolder(Sequence):
+    """`root/<class>/<image>`, the layout the official PyTorch code reads; labels are sorted class indices."""
 
-    try:
-        return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
-    except Exception as error:  # tfds raises several types for "not prepared"
-        raise DatasetNotFoundError(
-            f"tfds dataset {name!r} (split {split!r}) is not prepared in data_dir={data_dir or '~/tensorflow_datasets'}"
-            f" ({type(error).__name__}); prepare it once with `tfds build {name} --file_format=array_record"
-            f"{' --data_dir=' + data_dir if data_dir else ''}` (imagenet2012: put ILSVRC2012_img_{{train,val}}.tar"
-            " in <data_dir>/downloads/manual first)"
-        ) from error
+    def __init__(self, root: str | epath.Path):
+        root = epath.Path(root)
+        if not root.is_dir():
+            raise DatasetNotFoundError(f"image folder {root} does not exist (expected {root}/<class>/<image>)")
+        classes = sorted(path.name for path in root.iterdir() if path.is_dir())
+        self.classes = classes
+        self._files = [
+            (path, label)
+            for label, name in enumerate(classes)
+            for path in sorted((root / name).iterdir())
+            if path.suffix.lower() in IMAGE_EXTENSIONS
+        ]
+        if not self._files:
+            raise DatasetNotFoundError(f"image folder {root} holds no images in <class>/<image> subfolders")
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        path, label = self._files[index]
+        return {"image": path.read_bytes(), "label": label, "name": str(path)}
+
+
+class TfdsSource(Sequence):
+    """A TFDS dataset prepared as ArrayRecord, read without TensorFlow; images stay encoded until `decode`."""
+
+    def __init__(self, name: str, split: str, data_dir: str | None):
+        import tensorflow_datasets as tfds  # heavy; the demo does not need it
+
+        try:
+            self._source = tfds.data_source(
+                name, split=split, data_dir=data_dir, download=False, decoders={"image": tfds.decode.SkipDecoding()}
+            )
+        except Exception as error:  # tfds raises several types for "not prepared"
+            where = data_dir or "~/tensorflow_datasets"
+            raise DatasetNotFoundError(
+                f"tfds dataset {name!r} (split {split!r}) is not prepared in data_dir={where} "
+                f"({type(error).__name__}); prepare it once with `tfds build {name} --file_format=array_record"
+                f"{' --data_dir=' + data_dir if data_dir else ''}` (imagenet2012: put ILSVRC2012_img_{{train,val}}.tar"
+                " in <data_dir>/downloads/manual first)"
+            ) from error
+        self._prefix = f"{name}/{split}"
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        record = self._source[index]
+        name = record.get("file_name", index)
+        return {
+            "image": record["image"],
+            "label": int(record.get("label", NO_LABEL)),
+            "name": f"{self._prefix}:{name.decode() if isinstance(name, bytes) else name}",
+        }
 
 
 def make_source(dataset: ml_collections.ConfigDict) -> Sequence:
-    """The random-access source named by `config.dataset`; never empty."""
+    """The source named by `config.dataset`; a missing or empty one is a DatasetNotFoundError here, at start."""
     if dataset.source == "demo":
         source = DemoPhotos()
     elif dataset.source == "tfds":
-        source = tfds_source(dataset.name, dataset.split, dataset.data_dir)
+        source = TfdsSource(dataset.name, dataset.split, dataset.data_dir)
+    elif dataset.source == "folder":
+        if not dataset.data_dir:
+            raise DatasetNotFoundError("dataset.source='folder' needs dataset.data_dir (the folder holding <split>/)")
+        source = ImageFolder(epath.Path(dataset.data_dir) / dataset.split)
     else:
-        raise ValueError(f"unknown dataset.source {dataset.source!r}: use 'tfds' or 'demo'")
+        raise ValueError(f"unknown dataset.source {dataset.source!r}")
     if len(source) == 0:
-        raise DatasetNotFoundError(f"dataset {dataset.source}:{dataset.get('name')} split {dataset.split!r} is empty")
+        raise DatasetNotFoundError(f"dataset {dataset.source}:{dataset.name} split {dataset.split!r} is empty")
     return source
 
 
 # ---------------------------------------------------------------------------------------------------
-# Transforms
+# Decoding and transforms (uint8 in, uint8 out)
 # ---------------------------------------------------------------------------------------------------
 def to_rgb(image: np.ndarray) -> np.ndarray:
-    """uint8 HxWx3 from grayscale, RGBA or float images."""
+    """uint8 HxWx3 from grayscale, RGBA or float arrays."""
     if image.dtype != np.uint8:
         image = np.clip(image * (255 if image.max() <= 1 else 1), 0, 255).astype(np.uint8)
     if image.ndim == 2:
@@ -91,6 +151,14 @@ def to_rgb(image: np.ndarray) -> np.ndarray:
     if image.shape[-1] == 1:
         image = np.repeat(image, 3, axis=-1)
     return np.ascontiguousarray(image[:, :, :3])
+
+
+def decode(image: bytes | np.ndarray) -> np.ndarray:
+    """Encoded bytes (any PIL format and mode: grayscale, palette, CMYK, RGBA...) or an array -> uint8 RGB."""
+    if isinstance(image, np.ndarray):
+        return to_rgb(image)
+    with Image.open(io.BytesIO(image)) as pil:
+        return np.asarray(pil.convert("RGB"))
 
 
 def random_resized_crop_box(rng: np.random.Generator, height: int, width: int) -> tuple[int, int, int, int]:
@@ -115,27 +183,25 @@ def random_resized_crop_box(rng: np.random.Generator, height: int, width: int) -
     return left, top, left + crop_w, top + crop_h
 
 
-def normalize(image: Image.Image) -> np.ndarray:
-    return (np.asarray(image, np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
-
-
 def pretrain_transform(image: np.ndarray, rng: np.random.Generator, size: int) -> np.ndarray:
-    """RandomResizedCrop(size, scale 0.2-1, bicubic) + horizontal flip + ImageNet mean/std, as the paper."""
-    image = to_rgb(image)
+    """RandomResizedCrop(size, scale 0.2-1, ratio 3/4-4/3, bicubic) + horizontal flip, as the paper."""
     box = random_resized_crop_box(rng, *image.shape[:2])
-    crop = Image.fromarray(image).resize((size, size), Image.BICUBIC, box=box)
-    if rng.random() < 0.5:
-        crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
-    return normalize(crop)
+    crop = np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC, box=box))
+    return crop[:, ::-1] if rng.random() < 0.5 else crop
 
 
 def eval_transform(image: np.ndarray, size: int) -> np.ndarray:
-    """Resize the shorter side to size * 256/224, center crop `size`, ImageNet mean/std."""
-    pil = Image.fromarray(to_rgb(image))
+    """Resize the shorter side to size * 256/224, then center crop `size` (the official evaluation)."""
+    pil = Image.fromarray(image)
     scale = round(size * EVAL_RESIZE_RATIO) / min(pil.size)
     pil = pil.resize((max(size, round(pil.width * scale)), max(size, round(pil.height * scale))), Image.BICUBIC)
     left, top = (pil.width - size) // 2, (pil.height - size) // 2
-    return normalize(pil.crop((left, top, left + size, top + size)))
+    return np.asarray(pil.crop((left, top, left + size, top + size)))
+
+
+def normalize(images: jax.Array | np.ndarray) -> jax.Array:
+    """uint8 images -> ImageNet mean/std normalized float32; runs on the accelerator inside the jitted step."""
+    return (jnp.asarray(images, jnp.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
 
 
 def denormalize(images: np.ndarray) -> np.ndarray:
@@ -146,41 +212,81 @@ def denormalize(images: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------------
 # Batches
 # ---------------------------------------------------------------------------------------------------
-def host_batch_size(global_batch_size: int) -> int:
-    return global_batch_size // jax.process_count()
+class SkippedImages:
+    """Drops records that could not be decoded; counts them and names each file once in the log."""
+
+    def __init__(self):
+        self.count = 0
+        self._named: set[str] = set()
+
+    def __call__(self, example: dict[str, Any]) -> bool:
+        if "error" not in example:
+            return True
+        self.count += 1
+        if example["name"] not in self._named:
+            self._named.add(example["name"])
+            logging.warning("Skipping unreadable image %s: %s", example["name"], example["error"])
+        return False
 
 
-def pretrain_dataset(source: Sequence, config: ml_collections.ConfigDict) -> grain.MapDataset:
-    """Infinite MapDataset whose element k is this host's part of global batch k."""
-    size = config.image_size
-    return (
+def _pretrain_example(record: dict[str, Any], rng: np.random.Generator, size: int) -> dict[str, Any]:
+    try:
+        image = pretrain_transform(decode(record["image"]), rng, size)
+    except (OSError, ValueError, SyntaxError) as error:  # what PIL raises for corrupt or truncated files
+        return {"name": record["name"], "error": f"{type(error).__name__}: {error}"}
+    return {"image": image, "label": np.int32(record["label"])}
+
+
+def pretrain_dataset(
+    source: Sequence,
+    config: ml_collections.ConfigDict,
+    skipped: SkippedImages,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> grain.IterDataset:
+    """This host's infinite stream of {"image": uint8 (B/hosts, S, S, 3), "label": int32 (B/hosts,)} batches."""
+    index = jax.process_index() if process_index is None else process_index
+    count = jax.process_count() if process_count is None else process_count
+    dataset = (
         grain.MapDataset.source(source)
-        .slice(slice(jax.process_index(), None, jax.process_count()))
+        .slice(slice(index, None, count))  # disjoint shards that together cover the source
         .shuffle(seed=config.seed)
         .repeat()
-        .random_map(lambda record, rng: pretrain_transform(record["image"], rng, size), seed=config.seed)
-        .batch(host_batch_size(config.batch_size), drop_remainder=True)
+        .random_map(functools.partial(_pretrain_example, size=config.image_size), seed=config.seed)
+        .to_iter_dataset(
+            grain.ReadOptions(num_threads=config.input.num_threads, prefetch_buffer_size=config.input.prefetch)
+        )
     )
+    if config.input.num_workers > 0:
+        dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.input.num_workers))
+    return dataset.filter(skipped).batch(config.batch_size // count, drop_remainder=True)
 
 
-def train_batches(source: Sequence, config: ml_collections.ConfigDict, start_step: int = 0) -> Iterator[np.ndarray]:
-    """Host-local (B / num_hosts, H, W, 3) float32 batches from step `start_step` on, read by threads."""
-    dataset = pretrain_dataset(source, config).slice(slice(start_step, None))
-    read_options = grain.ReadOptions(num_threads=config.input.num_threads, prefetch_buffer_size=config.input.prefetch)
-    return iter(dataset.to_iter_dataset(read_options))
+def device_prefetch(
+    iterator: grain.DatasetIterator, sharding: jax.sharding.Sharding, size: int = 2
+) -> Iterator[tuple[jax.Array, dict]]:
+    """(global image batch, iterator state after it), `size` batches ahead of the step that uses them.
+
+    The state travels with its batch because the iterator itself is ahead: saving it at step k must
+    record the position right after batch k.
+    """
+    queue: collections.deque = collections.deque()
+    while True:
+        batch = next(iterator)
+        images = jax.make_array_from_process_local_data(sharding, batch["image"])
+        queue.append((images, iterator.get_state()))
+        if len(queue) == size:
+            yield queue.popleft()
 
 
 def fixed_eval_images(source: Sequence, count: int, size: int) -> np.ndarray:
-    """The first `count` images of the source, center-cropped: the same samples at every visualization."""
-    count = min(count, len(source))
-    return np.stack([eval_transform(source[i]["image"], size) for i in range(count)])
-
-
-def device_prefetch(batches: Iterator[np.ndarray], sharding: jax.sharding.Sharding, size: int = 2) -> Iterator:
-    """Global jax.Arrays assembled from each host's part, `size` batches ahead of the step that uses them."""
-    queue: collections.deque = collections.deque()
-    for batch in batches:
-        queue.append(jax.make_array_from_process_local_data(sharding, batch))
-        if len(queue) == size:
-            yield queue.popleft()
-    yield from queue
+    """The first readable `count` images of the source, center-cropped: the same samples at every visualization."""
+    images = []
+    for index in range(len(source)):
+        try:
+            images.append(eval_transform(decode(source[index]["image"]), size))
+        except (OSError, ValueError, SyntaxError):
+            continue
+        if len(images) == count:
+            break
+    return np.stack(images)

@@ -45,7 +45,7 @@ def make_train_step(
         def loss_fn(params: nnx.State) -> jax.Array:
             model = nnx.merge(graphdef, params, state.fixed)
             noise = model.draw_noise(jax.random.fold_in(noise_key, state.step), images.shape[0])
-            return model(images, mask_ratio, noise=noise).loss
+            return model(input_pipeline.normalize(images), mask_ratio, noise=noise).loss
 
         loss, grads = jax.value_and_grad(loss_fn)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -97,11 +97,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     manager = checkpointing.make_manager(workdir, config.keep_checkpoints)
     abstract_state = jax.eval_shape(init)
     abstract_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract_state)
-    state = checkpointing.restore_latest(manager, abstract_state)
-    if state is None:
+    skipped = input_pipeline.SkippedImages()
+    data_iterator = iter(input_pipeline.pretrain_dataset(source, config, skipped))
+    restored = checkpointing.restore_latest(manager, abstract_state)
+    if restored is None:
         state = init()
         logging.info("Initialized %s", model_config)
     else:
+        state, data_state = restored
+        data_iterator.set_state(data_state)
         logging.info("Restored step %d from %s", int(state.step), manager.directory)
     start_step = int(state.step)
 
@@ -112,7 +116,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         donate_argnums=0,
     )
     reconstruct = reconstruction.make_reconstruct_fn(graphdef, config.mask_ratio)
-    vis_images = input_pipeline.fixed_eval_images(source, config.num_images, config.image_size)
+    vis_images = input_pipeline.normalize(
+        input_pipeline.fixed_eval_images(source, config.num_images, config.image_size)
+    )
     vis_noise = jax.random.uniform(jax.random.key(config.seed + 2), (len(vis_images), model_config.encoder.num_patches))
 
     def reconstruction_grid() -> np.ndarray:
@@ -121,11 +127,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     # ------------------------------------------------------------------------------------------------
     # Train.
     # ------------------------------------------------------------------------------------------------
-    batches = input_pipeline.device_prefetch(input_pipeline.train_batches(source, config, start_step), batch_sharding)
+    batches = input_pipeline.device_prefetch(data_iterator, batch_sharding)
     pending: list[dict[str, jax.Array]] = []
     last_time, last_step = time.perf_counter(), start_step
     for step in range(start_step + 1, total_steps + 1):
-        state, metrics = train_step(state, next(batches))
+        images, data_state = next(batches)
+        state, metrics = train_step(state, images)
         pending.append(metrics)
         if step == start_step + 1:  # time steps, not the compile
             jax.block_until_ready(state)
@@ -133,7 +140,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         if step % config.log_every_steps == 0 or step == total_steps:
             history = jax.device_get(pending)
             summary = {k: float(np.mean([m[k] for m in history])) for k in ("loss", "grad_norm")}
-            summary["lr"] = float(history[-1]["lr"])
+            summary |= {"lr": float(history[-1]["lr"]), "skipped_images": skipped.count}
             now = time.perf_counter()
             if step > last_step:  # the first step (the compile) is not timed
                 step_time = (now - last_time) / (step - last_step)
@@ -147,13 +154,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         if step % config.image_every_steps == 0 and step != total_steps:  # the last one is written below
             writer.write_images(step, {"reconstruction": reconstruction_grid()[None]})
         if step % config.checkpoint_every_steps == 0:
-            checkpointing.save(manager, step, state, config.to_dict())
+            checkpointing.save(manager, step, state, data_state, config.to_dict())
 
     # ------------------------------------------------------------------------------------------------
     # Final save: checkpoint, reconstruction grid.
     # ------------------------------------------------------------------------------------------------
     if manager.latest_step() != total_steps:
-        checkpointing.save(manager, total_steps, state, config.to_dict())
+        checkpointing.save(manager, total_steps, state, data_state, config.to_dict())
     manager.wait_until_finished()
     final_grid = reconstruction_grid()
     writer.write_images(total_steps, {"reconstruction": final_grid[None]})

@@ -1,14 +1,51 @@
-"""Transforms, sources and the deterministic, resumable batch sequence."""
+"""Sources, decoding of odd files, transforms, host sharding, skipping bad images and resumable iteration."""
 
 from __future__ import annotations
 
+import io
+import logging
+import pathlib
+
+import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from absl import flags
+from PIL import Image
 
 from mae_jax import input_pipeline
 from mae_jax.input_pipeline import CROP_RATIO, CROP_SCALE
 from tests.conftest import tiny_train_config
+
+
+def encode(image: Image.Image, fmt: str = "JPEG") -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def photo(seed: int, size: tuple[int, int] = (60, 45)) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+@pytest.fixture
+def image_folder(tmp_path: pathlib.Path) -> pathlib.Path:
+    """train/<class>/ with good JPEGs, odd modes (gray, CMYK, RGBA PNG, palette, tiny) and two corrupt files."""
+    root = tmp_path / "train"
+    for label, name in enumerate(["n01", "n02", "n03"]):
+        (root / name).mkdir(parents=True)
+        for i in range(4):
+            (root / name / f"{i}.JPEG").write_bytes(encode(photo(10 * label + i)))
+    (root / "n01" / "gray.jpg").write_bytes(encode(photo(100).convert("L")))
+    (root / "n01" / "cmyk.jpg").write_bytes(encode(photo(101).convert("CMYK")))
+    (root / "n02" / "rgba.png").write_bytes(encode(photo(102).convert("RGBA"), "PNG"))
+    (root / "n02" / "palette.png").write_bytes(encode(photo(103).convert("P"), "PNG"))
+    (root / "n03" / "tiny.png").write_bytes(encode(photo(104, (2, 3)), "PNG"))
+    (root / "n03" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (root / "n03" / "truncated.jpg").write_bytes(encode(photo(105))[:60])
+    (root / "n03" / "notes.txt").write_text("not an image")
+    return tmp_path
 
 
 def test_random_resized_crop_box_follows_torchvision_rule():
@@ -27,53 +64,135 @@ def test_random_resized_crop_box_follows_torchvision_rule():
 @pytest.mark.parametrize(
     "image",
     [
-        np.zeros((40, 30), np.uint8),  # grayscale
-        np.zeros((40, 30, 1), np.uint8),
-        np.zeros((40, 30, 4), np.uint8),  # RGBA
-        np.zeros((40, 30, 3), np.float64),  # float in [0, 1]
-        np.zeros((3, 5, 3), np.uint8),  # tiny
+        encode(photo(0).convert("L")),
+        encode(photo(0).convert("CMYK")),
+        encode(photo(0).convert("RGBA"), "PNG"),
+        encode(photo(0).convert("P"), "GIF"),
+        encode(photo(0, (1, 1)), "PNG"),
+        np.zeros((40, 30), np.uint8),
+        np.zeros((40, 30, 4), np.uint8),
+        np.zeros((40, 30, 3), np.float64),
     ],
+    ids=["gray", "cmyk", "rgba", "palette", "1x1", "gray-array", "rgba-array", "float-array"],
 )
-def test_transforms_accept_odd_images(image: np.ndarray):
-    out = input_pipeline.pretrain_transform(image, np.random.default_rng(0), 32)
-    assert out.shape == (32, 32, 3) and out.dtype == np.float32
-    black = -input_pipeline.IMAGENET_MEAN / input_pipeline.IMAGENET_STD
-    np.testing.assert_allclose(out, np.broadcast_to(black, out.shape), rtol=1e-6)
-    assert input_pipeline.eval_transform(image, 32).shape == (32, 32, 3)
+def test_decode_and_transforms_accept_odd_images(image):
+    decoded = input_pipeline.decode(image)
+    assert decoded.dtype == np.uint8 and decoded.ndim == 3 and decoded.shape[-1] == 3
+    out = input_pipeline.pretrain_transform(decoded, np.random.default_rng(0), 32)
+    assert out.shape == (32, 32, 3) and out.dtype == np.uint8
+    assert input_pipeline.eval_transform(decoded, 32).shape == (32, 32, 3)
 
 
-def test_pretrain_transform_normalizes_and_flips():
+def test_pretrain_transform_flips_sometimes_and_normalize_is_imagenet_mean_std():
     image = np.zeros((64, 64, 3), np.uint8)
     image[:, :32] = 255  # left half white
     outputs = [input_pipeline.pretrain_transform(image, np.random.default_rng(seed), 32) for seed in range(20)]
     left_brighter = [out[:, :4].mean() > out[:, -4:].mean() for out in outputs]
-    assert any(left_brighter) and not all(left_brighter)  # flipped sometimes, not always
-    white = (1 - input_pipeline.IMAGENET_MEAN) / input_pipeline.IMAGENET_STD
-    assert np.allclose(max(out.max() for out in outputs), white.max(), atol=1e-5)
+    assert any(left_brighter) and not all(left_brighter)
+    normalized = np.asarray(input_pipeline.normalize(np.array([[[0, 255, 128]]], np.uint8)))
+    expected = (np.array([0, 1, 128 / 255]) - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225]
+    np.testing.assert_allclose(normalized[0, 0], expected, rtol=1e-6)
 
 
-def test_batches_are_deterministic_and_resume_at_any_step():
+def test_image_folder_labels_skips_corrupt_files_and_names_them_once(image_folder, caplog):
+    config = tiny_train_config(**{"dataset.source": "folder", "dataset.data_dir": str(image_folder), "batch_size": 4})
+    source = input_pipeline.make_source(config.dataset)
+    assert len(source) == 19 and source.classes == ["n01", "n02", "n03"]  # notes.txt is not an image
+    assert sorted({source[i]["label"] for i in range(len(source))}) == [0, 1, 2]
+    skipped = input_pipeline.SkippedImages()
+    iterator = iter(input_pipeline.pretrain_dataset(source, config, skipped))
+    with caplog.at_level(logging.WARNING):
+        batches = [next(iterator) for _ in range(17 * 3 // 4)]  # three passes over the 17 readable images
+    labels = np.concatenate([b["label"] for b in batches])
+    assert all(b["image"].shape == (4, 32, 32, 3) and b["image"].dtype == np.uint8 for b in batches)
+    assert set(labels) == {0, 1, 2}
+    assert skipped.count >= 4  # each of the two bad files, in at least two passes
+    named = [r.getMessage() for r in caplog.records if "Skipping unreadable image" in r.getMessage()]
+    assert len(named) == 2 and any("corrupt.jpg" in m for m in named) and any("truncated.jpg" in m for m in named)
+
+
+def test_missing_or_empty_sources_fail_at_start(tmp_path: pathlib.Path):
+    folder = tiny_train_config(**{"dataset.source": "folder", "dataset.data_dir": str(tmp_path)})
+    with pytest.raises(input_pipeline.DatasetNotFoundError, match="does not exist"):
+        input_pipeline.make_source(folder.dataset)
+    (tmp_path / "train" / "n01").mkdir(parents=True)
+    with pytest.raises(input_pipeline.DatasetNotFoundError, match="holds no images"):
+        input_pipeline.make_source(folder.dataset)
+    tfds_config = tiny_train_config(**{"dataset.source": "tfds", "dataset.data_dir": str(tmp_path)})
+    with pytest.raises(input_pipeline.DatasetNotFoundError, match="tfds build imagenet2012"):
+        input_pipeline.make_source(tfds_config.dataset)
+
+
+class Numbered(list):
+    """A source whose label is the record's index, to see which records a host reads."""
+
+    def __init__(self, size: int):
+        super().__init__({"image": np.full((8, 8, 3), i, np.uint8), "label": i, "name": str(i)} for i in range(size))
+
+
+def test_hosts_read_disjoint_shards_that_cover_the_data():
+    config = tiny_train_config(batch_size=8)  # 4 per host
+    seen = []
+    for process_index in range(2):
+        dataset = input_pipeline.pretrain_dataset(
+            Numbered(24), config, input_pipeline.SkippedImages(), process_index, 2
+        )
+        iterator = iter(dataset)
+        seen.append(np.concatenate([next(iterator)["label"] for _ in range(3)]))  # one epoch of 12 records
+    assert set(seen[0]).isdisjoint(seen[1]) and set(seen[0]) | set(seen[1]) == set(range(24))
+
+
+def test_iterator_state_restores_the_following_batches():
     config = tiny_train_config(batch_size=4)
     source = input_pipeline.DemoPhotos()
-    run = input_pipeline.train_batches(source, config)
-    uninterrupted = [next(run) for _ in range(7)]
-    assert uninterrupted[0].shape == (4, 32, 32, 3)
-    resumed = input_pipeline.train_batches(source, config, start_step=5)
-    np.testing.assert_array_equal(next(resumed), uninterrupted[5])
-    np.testing.assert_array_equal(next(resumed), uninterrupted[6])
-    other_seed = input_pipeline.train_batches(source, tiny_train_config(batch_size=4, seed=1))
-    assert not np.array_equal(next(other_seed), uninterrupted[0])
+    iterator = iter(input_pipeline.pretrain_dataset(source, config, input_pipeline.SkippedImages()))
+    [next(iterator) for _ in range(5)]
+    state = iterator.get_state()
+    following = [next(iterator)["image"] for _ in range(3)]
+    resumed = iter(input_pipeline.pretrain_dataset(source, config, input_pipeline.SkippedImages()))
+    resumed.set_state(state)
+    for expected in following:
+        np.testing.assert_array_equal(next(resumed)["image"], expected)
+    other_seed = iter(
+        input_pipeline.pretrain_dataset(source, tiny_train_config(seed=1), input_pipeline.SkippedImages())
+    )
+    assert not np.array_equal(next(other_seed)["image"][:4], following[0])
+
+
+def test_device_prefetch_pairs_each_batch_with_the_state_after_it():
+    config = tiny_train_config(batch_size=4)
+    source = input_pipeline.DemoPhotos()
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    dataset = input_pipeline.pretrain_dataset(source, config, input_pipeline.SkippedImages())
+    prefetched = input_pipeline.device_prefetch(iter(dataset), sharding)
+    _, state_after_first = next(prefetched)
+    second, _ = next(prefetched)
+    resumed = iter(dataset)
+    resumed.set_state(state_after_first)
+    np.testing.assert_array_equal(next(resumed)["image"], np.asarray(second))
+
+
+def test_worker_processes_give_the_same_batches_and_resume():
+    flags.FLAGS.mark_as_parsed()  # grain's worker processes read absl flags
+    config = tiny_train_config(batch_size=4)
+    source = input_pipeline.DemoPhotos()
+    threads = iter(input_pipeline.pretrain_dataset(source, config, input_pipeline.SkippedImages()))
+    expected = [next(threads)["image"] for _ in range(4)]
+    config.input.num_workers = 2
+    workers = iter(input_pipeline.pretrain_dataset(source, config, input_pipeline.SkippedImages()))
+    np.testing.assert_array_equal(next(workers)["image"], expected[0])
+    np.testing.assert_array_equal(next(workers)["image"], expected[1])
+    state = workers.get_state()
+    resumed = iter(input_pipeline.pretrain_dataset(source, config, input_pipeline.SkippedImages()))
+    resumed.set_state(state)
+    np.testing.assert_array_equal(next(resumed)["image"], expected[2])
 
 
 def test_tfds_imagenet_through_the_pipeline():
     config = tiny_train_config(**{"dataset.source": "tfds", "dataset.name": "imagenet2012"})
     with tfds.testing.mock_data(num_examples=20):
         source = input_pipeline.make_source(config.dataset)
-        batch = next(input_pipeline.train_batches(source, config))
-    assert len(source) == 20 and batch.shape == (8, 32, 32, 3) and np.isfinite(batch).all()
-
-
-def test_missing_tfds_dataset_says_how_to_prepare_it(tmp_path):
-    config = tiny_train_config(**{"dataset.source": "tfds", "dataset.data_dir": str(tmp_path)})
-    with pytest.raises(input_pipeline.DatasetNotFoundError, match="tfds build imagenet2012"):
-        input_pipeline.make_source(config.dataset)
+        batch = next(iter(input_pipeline.pretrain_dataset(source, config, input_pipeline.SkippedImages())))
+    assert len(source) == 20 and batch["image"].shape == (8, 32, 32, 3) and batch["image"].dtype == np.uint8
+    assert batch["label"].shape == (8,) and (batch["label"] >= 0).all()
+    assert source[0]["name"].startswith("imagenet2012/train:")
