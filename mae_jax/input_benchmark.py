@@ -7,9 +7,11 @@ much our crop/resize/flip adds on top, independent of how fast this particular m
 from different runs are not comparable here (CPU timings vary by +-25%), so both loops run in one process
 tree, interleaved (decode, full, decode, full, ...) for a few rounds, and the medians are reported.
 
-Workers are grain's `mp_prefetch` processes, as in training (not a multiprocessing.Pool: grain gave steady
-numbers), each with one reading thread, so that one worker is one core's worth of work. Every measurement
-starts fresh workers and discards a warm-up (process spawn, imports, first batches) before the clock starts.
+Workers are grain's `mp_prefetch` processes, as in training (not a multiprocessing.Pool: grain's numbers are
+steady once its start-up is excluded), each with one reading thread, so that one worker is one core's worth
+of work. Every measurement starts fresh workers and discards a warm-up (process spawn, imports, first
+batches) before the clock starts.
+
 What crosses between processes is kept out of the comparison: workers send back one token per image, not
 the pixels (the decoded 500x375 image is 3.7x the size of the 224x224 crop, and shipping it would slow the
 decode-only baseline with work that training never does), and they batch the tokens themselves, because
