@@ -59,8 +59,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.log_every_steps = 100
     config.image_every_steps = 5000  # reconstruction grid to TensorBoard
     config.num_images = 8  # samples in the reconstruction grid
-    config.checkpoint_every_steps = 5000
+    config.checkpoint_every_steps = 1000  # also at the end and on preemption (SIGTERM)
     config.keep_checkpoints = 3
+    config.skip_nonfinite_steps = 0  # 0: stop at a non-finite loss/gradient; N: skip up to N in a row
     return config
 
 
@@ -117,6 +118,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"dataset.source={config.dataset.source!r} must be 'tfds', 'folder' or 'demo'")
     if config.batch_size % jax.process_count():
         raise ConfigError(f"batch_size={config.batch_size} is not a multiple of the {jax.process_count()} hosts")
+    if config.skip_nonfinite_steps < 0:
+        raise ConfigError(f"skip_nonfinite_steps={config.skip_nonfinite_steps} must be >= 0")
     for key in ("log_every_steps", "image_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
         if config[key] < 1:
             raise ConfigError(f"{key}={config[key]} must be >= 1")

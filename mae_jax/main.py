@@ -11,10 +11,12 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from mae_jax import train
+from mae_jax.checkpointing import CheckpointError
 from mae_jax.configuration import ConfigError
 from mae_jax.input_pipeline import DatasetNotFoundError
 
 FLAGS = flags.FLAGS
+PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, what schedulers expect of a terminated job; rerun to resume
 flags.DEFINE_string("workdir", None, "Directory (local or gs://) for checkpoints and summaries.")
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/vit_base.py.", lock_config=True)
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-host runs outside TPU/SLURM.")
@@ -60,7 +62,10 @@ def main(argv: list[str]) -> None:
                  jax.local_device_count(), jax.device_count())  # fmt: skip
     try:
         train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    except (ConfigError, DatasetNotFoundError) as error:
+    except train.Preempted as preempted:
+        logging.warning("%s", preempted)
+        sys.exit(PREEMPTED_EXIT_CODE)
+    except (ConfigError, DatasetNotFoundError, CheckpointError, train.NonFiniteError) as error:
         sys.exit(f"error: {error}")
 
 

@@ -29,4 +29,8 @@ def decay_mask(params) -> object:
 
 
 def make_optimizer(config: ml_collections.ConfigDict, lr_schedule: optax.Schedule) -> optax.GradientTransformation:
-    return optax.adamw(lr_schedule, b1=config.b1, b2=config.b2, weight_decay=config.weight_decay, mask=decay_mask)
+    """AdamW; with `skip_nonfinite_steps` > 0, updates from non-finite gradients are dropped, not applied."""
+    tx = optax.adamw(lr_schedule, b1=config.b1, b2=config.b2, weight_decay=config.weight_decay, mask=decay_mask)
+    if config.skip_nonfinite_steps > 0:
+        tx = optax.apply_if_finite(tx, max_consecutive_errors=config.skip_nonfinite_steps)
+    return tx

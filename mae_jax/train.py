@@ -20,6 +20,43 @@ from mae_jax import checkpointing, configuration, input_pipeline, optim, reconst
 from mae_jax.models.mae import MAE, MAEConfig
 from mae_jax.models.vit import FixedEmbedding
 
+ENCODER_DIR = "encoder"
+
+
+class Preempted(RuntimeError):
+    """The run was asked to stop (SIGTERM, TPU maintenance); its state is saved at the current step."""
+
+
+class NonFiniteError(RuntimeError):
+    """A non-finite loss or gradient; the message names the step. Nothing from that step on is saved."""
+
+
+class NonFiniteGuard:
+    """Stops the run at a non-finite loss or gradient norm, before the state that follows is saved.
+
+    With `skip_steps` > 0 the optimizer (`optax.apply_if_finite`) drops such updates, and the run stops
+    only when more than `skip_steps` of them come in a row (the optimizer would then apply them).
+    """
+
+    def __init__(self, skip_steps: int):
+        self.skip_steps = skip_steps
+        self.skipped = 0
+        self._in_a_row = 0
+
+    def check(self, first_step: int, history: list[dict[str, np.ndarray]]) -> None:
+        for step, metrics in enumerate(history, first_step):
+            if np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"]):
+                self._in_a_row = 0
+                continue
+            self.skipped += 1
+            self._in_a_row += 1
+            if self._in_a_row > self.skip_steps:
+                raise NonFiniteError(
+                    f"non-finite loss ({metrics['loss']}) or gradient norm ({metrics['grad_norm']}) at step {step}"
+                    f" ({self._in_a_row} in a row); stopped without saving it (skip_nonfinite_steps="
+                    f"{self.skip_steps})"
+                )
+
 
 @flax.struct.dataclass
 class TrainState:
@@ -76,7 +113,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     configuration.validate(config)
     model_config = configuration.model_config(config)
     workdir = epath.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    checkpointing.check_writable(workdir)
+    manager = checkpointing.make_manager(workdir, config.keep_checkpoints)
+    checkpointing.check_same_model(manager, config.to_dict())
     source = input_pipeline.make_source(config.dataset)
     total_steps, warmup_steps = schedule_steps(config, len(source))
     lr_schedule = optim.schedule(config, total_steps, warmup_steps)
@@ -94,7 +133,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     # ------------------------------------------------------------------------------------------------
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: MAE(model_config, rngs=nnx.Rngs(0))))
     init = jax.jit(lambda: init_train_state(model_config, tx, config.seed), out_shardings=replicated)
-    manager = checkpointing.make_manager(workdir, config.keep_checkpoints)
     abstract_state = jax.eval_shape(init)
     abstract_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract_state)
     skipped = input_pipeline.SkippedImages()
@@ -128,43 +166,61 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     # Train.
     # ------------------------------------------------------------------------------------------------
     batches = input_pipeline.device_prefetch(data_iterator, batch_sharding)
-    pending: list[dict[str, jax.Array]] = []
+    guard = NonFiniteGuard(config.skip_nonfinite_steps)
+    preemption = checkpointing.PreemptionWatch()
+    unchecked: list[dict[str, jax.Array]] = []  # device metrics not yet looked at by the guard
+    window: list[dict[str, float]] = []  # host metrics since the last summary
     last_time, last_step = time.perf_counter(), start_step
-    for step in range(start_step + 1, total_steps + 1):
-        images, data_state = next(batches)
-        state, metrics = train_step(state, images)
-        pending.append(metrics)
-        if step == start_step + 1:  # time steps, not the compile
-            jax.block_until_ready(state)
-            last_time, last_step = time.perf_counter(), step
-        if step % config.log_every_steps == 0 or step == total_steps:
-            history = jax.device_get(pending)
-            summary = {k: float(np.mean([m[k] for m in history])) for k in ("loss", "grad_norm")}
-            summary |= {"lr": float(history[-1]["lr"]), "skipped_images": skipped.count}
-            now = time.perf_counter()
-            if step > last_step:  # the first step (the compile) is not timed
-                step_time = (now - last_time) / (step - last_step)
-                summary |= {
-                    "step_time_s": step_time,
-                    "images_per_sec": config.batch_size / step_time,
-                    "eta_hours": (total_steps - step) * step_time / 3600,
-                }
-            writer.write_scalars(step, summary)
-            pending, last_time, last_step = [], now, step
-        if step % config.image_every_steps == 0 and step != total_steps:  # the last one is written below
-            writer.write_images(step, {"reconstruction": reconstruction_grid()[None]})
-        if step % config.checkpoint_every_steps == 0:
-            checkpointing.save(manager, step, state, data_state, config.to_dict())
+    try:
+        for step in range(start_step + 1, total_steps + 1):
+            images, data_state = next(batches)
+            state, metrics = train_step(state, images)
+            unchecked.append(metrics)
+            if step == start_step + 1:  # time steps, not the compile
+                jax.block_until_ready(state)
+                last_time, last_step = time.perf_counter(), step
+            preempted = preemption.reached(manager, step)
+            log_now = step % config.log_every_steps == 0 or step == total_steps
+            save_now = step % config.checkpoint_every_steps == 0 or step == total_steps or preempted
+            if log_now or save_now:  # the guard sees every step before anything is saved
+                fetched = jax.device_get(unchecked)
+                guard.check(step - len(fetched) + 1, fetched)
+                window, unchecked = window + fetched, []
+            if log_now:
+                summary = {k: float(np.nanmean([m[k] for m in window])) for k in ("loss", "grad_norm")}
+                summary |= {"lr": float(window[-1]["lr"]), "skipped_images": skipped.count}
+                summary |= {"skipped_steps": guard.skipped}
+                now = time.perf_counter()
+                if step > last_step:  # the first step (the compile) is not timed
+                    step_time = (now - last_time) / (step - last_step)
+                    summary |= {
+                        "step_time_s": step_time,
+                        "images_per_sec": config.batch_size / step_time,
+                        "eta_hours": (total_steps - step) * step_time / 3600,
+                    }
+                writer.write_scalars(step, summary)
+                window, last_time, last_step = [], now, step
+            if step % config.image_every_steps == 0 and step != total_steps:  # the last one is written below
+                writer.write_images(step, {"reconstruction": reconstruction_grid()[None]})
+            if save_now and manager.latest_step() != step:
+                checkpointing.save(manager, step, state, data_state, config.to_dict())
+            if preempted:
+                manager.wait_until_finished()
+                writer.flush()
+                raise Preempted(f"preempted at step {step}: saved {manager.directory}/{step}; rerun to resume")
+    finally:  # also on errors: the saves already started complete, so the newest checkpoint is whole
+        preemption.close()
+        manager.wait_until_finished()
 
     # ------------------------------------------------------------------------------------------------
-    # Final save: checkpoint, reconstruction grid.
+    # Final: reconstruction grid, encoder export.
     # ------------------------------------------------------------------------------------------------
-    if manager.latest_step() != total_steps:
-        checkpointing.save(manager, total_steps, state, data_state, config.to_dict())
-    manager.wait_until_finished()
     final_grid = reconstruction_grid()
     writer.write_images(total_steps, {"reconstruction": final_grid[None]})
     if jax.process_index() == 0:
         reconstruction.save_png(workdir / "reconstruction.png", final_grid)
+    if not (workdir / ENCODER_DIR / checkpointing.PARAMS_DIR).exists():
+        checkpointing.export_encoder(workdir / ENCODER_DIR, model_config, state.params, state.fixed)
+        logging.info("Exported the encoder to %s", workdir / ENCODER_DIR)
     writer.flush()
     return state

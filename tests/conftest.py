@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pathlib
+import subprocess
+import sys
 
 import pytest
 from flax import nnx
@@ -39,3 +41,25 @@ def tiny_train_config(**overrides):
             target = target[parent]
         target[leaf] = value
     return config
+
+
+# `python -m mae_jax.main` overrides that shrink the demo as `tiny_train_config` does.
+TINY_MAIN_FLAGS = (
+    "--config.image_size=32",
+    "--config.model.decoder_width=32",
+    "--config.model.decoder_depth=1",
+    "--config.model.decoder_heads=2",
+    "--config.batch_size=8",
+    "--config.num_images=2",
+    "--config.input.num_threads=2",
+)
+
+
+def main_command(workdir: pathlib.Path, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "mae_jax.main", "--config=configs/demo.py", f"--workdir={workdir}", *overrides]
+
+
+def run_main(workdir: pathlib.Path, *overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        main_command(workdir, *overrides), cwd=REPO, capture_output=True, text=True, timeout=600, check=False
+    )

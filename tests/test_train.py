@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import pathlib
 import shutil
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -13,12 +11,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from mae_jax import train
-from tests.conftest import REPO, tiny_train_config
-
-
-def run_main(workdir: pathlib.Path, *overrides: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "mae_jax.main", "--config=configs/demo.py", f"--workdir={workdir}", *overrides]
-    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
+from tests.conftest import run_main, tiny_train_config
 
 
 def test_train_steps_on_mock_imagenet(tmp_path: pathlib.Path):
