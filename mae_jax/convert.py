@@ -336,8 +336,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         logging.info("Wrote %s from %s to %s", describe(config), args.pth, args.out_dir)
     else:
         config, state = checkpointing.load_params(args.params_dir)
-        save_pth(args.out_pth, to_official(state, encoder_only=args.encoder_only))
-        logging.info("Wrote %s%s to %s", describe(config), " (encoder only)" * args.encoder_only, args.out_pth)
+        encoder_only = args.encoder_only or "decoder" not in state  # e.g. the encoder a pretraining run exports
+        save_pth(args.out_pth, to_official(state, encoder_only=encoder_only))
+        logging.info("Wrote %s%s to %s", describe(config), " (encoder only)" * encoder_only, args.out_pth)
 
 
 if __name__ == "__main__":

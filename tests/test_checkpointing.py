@@ -15,9 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from flax import nnx
 
-from mae_jax import checkpointing, input_pipeline, train
+from mae_jax import checkpointing, convert, input_pipeline, train
 from mae_jax.main import PREEMPTED_EXIT_CODE
+from mae_jax.models.mae import MAE
 from tests.conftest import REPO, TINY_MAIN_FLAGS, main_command, run_main, tiny_train_config
 
 RUN = (*TINY_MAIN_FLAGS, "--config.total_steps=10", "--config.checkpoint_every_steps=2", "--config.log_every_steps=1")
@@ -201,11 +203,9 @@ def test_exported_encoder_gives_the_same_features(tmp_path: pathlib.Path):
     encoder = checkpointing.load_encoder(tmp_path / train.ENCODER_DIR)
     config, exported = checkpointing.load_params(tmp_path / train.ENCODER_DIR)
     assert list(exported) == ["encoder"] and config.encoder.image_size == 32
+    official = convert.to_official(exported)
+    assert "blocks.0.attn.qkv.weight" in official and not any(key.startswith("decoder") for key in official)
     images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
-    from flax import nnx
-
-    from mae_jax.models.mae import MAE
-
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: MAE(config, rngs=nnx.Rngs(0))))
     trained = nnx.merge(graphdef, state.params, state.fixed)
     np.testing.assert_array_equal(np.asarray(encoder(images)), np.asarray(trained.encoder(images)))
