@@ -65,15 +65,18 @@ def test_sigkill_at_any_moment_then_resume_gives_bit_identical_parameters(tmp_pa
         "right after resuming": lambda log: logged_steps(log) >= 1,
     }
     kills = []
-    for run, (moment, condition) in enumerate(moments.items()):
-        log = tmp_path / f"run{run}.log"
-        process = start(workdir, log)
-        wait_for(lambda log=log, condition=condition: condition(log), process)
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-        kills.append((moment, saving_now(workdir)))
-        assert run == 0 or "Restored step" in log.read_text()
-    assert kills[1][1], "the second kill should have interrupted a save in progress"
+    for moment, condition in moments.items():
+        for _ in range(3):  # a save can finish between seeing it and the kill: try again
+            log = tmp_path / f"run{len(kills)}.log"
+            process = start(workdir, log)
+            wait_for(lambda log=log, condition=condition: condition(log), process)
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            kills.append((moment, saving_now(workdir)))
+            assert len(kills) == 1 or "Restored step" in log.read_text()
+            if moment != "during a save" or kills[-1][1]:
+                break
+        assert moment != "during a save" or kills[-1][1], "no kill interrupted a save in progress"
 
     final = run_main(workdir, *RUN)
     assert final.returncode == 0, final.stderr[-2000:]
