@@ -48,6 +48,8 @@ def load_params(directory: str | epath.Path) -> tuple[MAEConfig, nnx.State]:
         raise FileNotFoundError(f"{directory} is not a mae_jax parameter directory: {MODEL_CONFIG_FILE} is missing")
     config = MAEConfig.from_dict(json.loads(config_file.read_text()))
     path = (directory / PARAMS_DIR).absolute()
+    if not path.exists():
+        raise FileNotFoundError(f"{directory} is not a mae_jax parameter directory: {PARAMS_DIR}/ is missing")
     state = abstract_model_state(config)
     with ocp.StandardCheckpointer() as checkpointer:
         parts = checkpointer.metadata(path).item_metadata.keys()

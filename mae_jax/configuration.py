@@ -10,8 +10,9 @@ import jax
 import ml_collections
 from ml_collections import config_dict
 
+from mae_jax import sharding
 from mae_jax.models.mae import MAEConfig, num_kept
-from mae_jax.models.vit import VARIANTS
+from mae_jax.models.vit import ATTENTION_IMPLEMENTATIONS, COMPUTE_DTYPES, VARIANTS, Compute
 
 
 class ConfigError(ValueError):
@@ -44,8 +45,16 @@ def base_config() -> ml_collections.ConfigDict:
     config.model.decoder_depth = 8
     config.model.decoder_heads = 16
     config.model.norm_pix_loss = True
+    config.model.dtype = "float32"  # compute dtype, "float32" or "bfloat16"; params and optimizer stay float32
+    config.model.attention = "xla"  # "xla" or "cudnn" (NVIDIA GPUs, bfloat16): jax.nn.dot_product_attention
+    config.model.remat = False  # recompute block activations in the backward pass: less memory, more time
+    config.model.mask_tokens_in_encoder = False  # the paper's slower baseline (Table 2): encoder sees all tokens
 
     config.batch_size = 4096  # global, over all hosts
+    config.grad_accum_steps = 1  # > 1: the batch runs as that many micro-batches, one optimizer step
+    config.mesh = ml_collections.ConfigDict()  # data x fsdp must be the device count; -1: the remaining devices
+    config.mesh.data = -1  # data parallel: parameters replicated
+    config.mesh.fsdp = 1  # fully sharded data parallel: weight kernels and their moments split over this axis
     config.num_epochs = 800
     config.warmup_epochs = 40
     config.total_steps = -1  # > 0 replaces num_epochs
@@ -74,6 +83,8 @@ def model_config(config: ml_collections.ConfigDict) -> MAEConfig:
         decoder_depth=m.decoder_depth,
         decoder_heads=m.decoder_heads,
         norm_pix_loss=m.norm_pix_loss,
+        compute=Compute(m.dtype, m.attention, m.remat),
+        mask_tokens_in_encoder=m.mask_tokens_in_encoder,
     )
 
 
@@ -107,9 +118,25 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"model.decoder_width={config.model.decoder_width} must be divisible by 4 and by "
             f"model.decoder_heads={config.model.decoder_heads}"
         )
+    if config.model.dtype not in COMPUTE_DTYPES:
+        raise ConfigError(f"model.dtype={config.model.dtype!r} must be one of {COMPUTE_DTYPES}")
+    if config.model.attention not in ATTENTION_IMPLEMENTATIONS:
+        raise ConfigError(f"model.attention={config.model.attention!r} must be one of {ATTENTION_IMPLEMENTATIONS}")
+    if config.model.attention == "cudnn" and (jax.default_backend() != "gpu" or config.model.dtype != "bfloat16"):
+        raise ConfigError("model.attention='cudnn' needs an NVIDIA GPU and model.dtype='bfloat16'")
     devices = jax.device_count()
-    if config.batch_size < 1 or config.batch_size % devices:
-        raise ConfigError(f"batch_size={config.batch_size} is not a positive multiple of the {devices} devices")
+    try:
+        sharding.mesh_shape(config.mesh, devices)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    if config.grad_accum_steps < 1:
+        raise ConfigError(f"grad_accum_steps={config.grad_accum_steps} must be >= 1")
+    per_step = devices * config.grad_accum_steps
+    if config.batch_size < 1 or config.batch_size % per_step:
+        raise ConfigError(
+            f"batch_size={config.batch_size} is not a positive multiple of the {devices} devices"
+            + (f" x grad_accum_steps={config.grad_accum_steps}" if config.grad_accum_steps > 1 else "")
+        )
     if config.total_steps <= 0 and config.num_epochs <= 0:
         raise ConfigError("set num_epochs > 0 or total_steps > 0")
     if config.base_lr <= 0 or config.min_lr < 0:

@@ -1,21 +1,81 @@
-"""Where arrays live: a data-parallel mesh over every device of every host, batches split along it."""
+"""Where arrays live: a (data, fsdp) mesh over every device of every host.
+
+Batches are split over both axes. FSDP shards each weight kernel along its largest dimension that the
+fsdp axis divides (XLA gathers it for the matmul and reduce-scatters its gradient); biases, norms, tokens
+and the fixed position tables are small and replicated. Optimizer moments take the sharding of their
+parameter, so FSDP divides their memory too.
+"""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+from typing import Any
+
 import jax
+import ml_collections
+import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 DATA_AXIS = "data"
+FSDP_AXIS = "fsdp"
+BATCH_AXES = (DATA_AXIS, FSDP_AXIS)  # the batch is split over every device
 
 
-def make_mesh() -> Mesh:
+def mesh_shape(mesh_config: ml_collections.ConfigDict, device_count: int) -> tuple[int, int]:
+    """(data, fsdp) sizes; one of them may be -1 for "the remaining devices"."""
+    sizes = [mesh_config.data, mesh_config.fsdp]
+    known = math.prod(size for size in sizes if size != -1)
+    if sizes.count(-1) > 1 or any(size == 0 or size < -1 for size in sizes) or device_count % known:
+        raise ValueError(f"mesh.data={sizes[0]} x mesh.fsdp={sizes[1]} does not fit the {device_count} devices")
+    sizes = [device_count // known if size == -1 else size for size in sizes]
+    if math.prod(sizes) != device_count:
+        raise ValueError(f"mesh.data={sizes[0]} x mesh.fsdp={sizes[1]} is not the {device_count} devices")
+    return sizes[0], sizes[1]
+
+
+def make_mesh(mesh_config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    devices = jax.devices() if devices is None else devices
     # Automatic axis types: shardings are given at jit boundaries and XLA propagates them inside.
-    return jax.make_mesh((jax.device_count(),), (DATA_AXIS,), axis_types=(AxisType.Auto,))
+    return jax.make_mesh(
+        mesh_shape(mesh_config, len(devices)), (DATA_AXIS, FSDP_AXIS), (AxisType.Auto,) * 2, devices=devices
+    )
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
+
+
+def param_sharding(mesh: Mesh, path: tuple, shape: tuple[int, ...]) -> NamedSharding:
+    """A kernel is split over fsdp along its largest dimension the axis divides; everything else replicated."""
+    fsdp = mesh.shape[FSDP_AXIS]
+    if fsdp > 1 and any(getattr(key, "key", None) == "kernel" for key in path):
+        for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+            if shape[dim] % fsdp == 0:
+                return NamedSharding(mesh, PartitionSpec(*[FSDP_AXIS if d == dim else None for d in range(len(shape))]))
+    return replicated(mesh)
+
+
+def params_shardings(mesh: Mesh, params: Any) -> Any:
+    """The FSDP rule over a parameter tree (arrays or ShapeDtypeStructs)."""
+    return jax.tree_util.tree_map_with_path(lambda path, x: param_sharding(mesh, path, x.shape), params)
+
+
+def train_state_shardings(mesh: Mesh, state: Any, tx: optax.GradientTransformation) -> Any:
+    """Shardings for a train state with fields step, params, fixed and opt_state (abstract or concrete).
+
+    Moments are mapped from the parameter shardings through the optimizer's own state structure
+    (`jax.jit(tx.init)` alone would leave them replicated); counters are replicated.
+    """
+    params = params_shardings(mesh, state.params)
+    everywhere = replicated(mesh)
+    opt_state = optax.tree_map_params(
+        tx, lambda _, shard: shard, state.opt_state, params, transform_non_params=lambda _: everywhere
+    )
+    return state.replace(
+        step=everywhere, params=params, fixed=jax.tree.map(lambda _: everywhere, state.fixed), opt_state=opt_state
+    )

@@ -73,25 +73,61 @@ def init_train_state(model_config: MAEConfig, tx: optax.GradientTransformation, 
 
 
 def make_train_step(
-    graphdef: nnx.GraphDef, tx: optax.GradientTransformation, lr_schedule: optax.Schedule, mask_ratio: float, seed: int
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    lr_schedule: optax.Schedule,
+    mask_ratio: float,
+    seed: int,
+    *,
+    grad_accum_steps: int = 1,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> Callable[[TrainState, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
-    """One AdamW step; the masking noise is a function of (seed, step) alone, so resumed runs redraw it."""
+    """One AdamW step; the masking noise is a function of (seed, step) alone, so resumed runs redraw it.
+
+    With `grad_accum_steps` = k the batch runs as k micro-batches (micro-batch j holds every k-th image, so
+    each stays spread over all devices) and their gradients are averaged. The noise is drawn for the whole
+    batch and every image loses the same number of patches, so this is the whole batch's loss and gradient
+    at 1/k of the activation memory. On a `mesh` with an fsdp axis the model keeps activations split along
+    the batch (`models.vit.split_batch`), so FSDP gathers weights, never activations. Without FSDP the
+    constraints are left out: XLA keeps the batch split by itself, and on CPU they cost ~10% speed.
+    """
     noise_key = jax.random.key(seed + 1)
 
     def train_step(state: TrainState, images: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
-        def loss_fn(params: nnx.State) -> jax.Array:
+        def loss_fn(params: nnx.State, images: jax.Array, noise: jax.Array) -> jax.Array:
             model = nnx.merge(graphdef, params, state.fixed)
-            noise = model.draw_noise(jax.random.fold_in(noise_key, state.step), images.shape[0])
             return model(input_pipeline.normalize(images), mask_ratio, noise=noise).loss
 
-        loss, grads = jax.value_and_grad(loss_fn)(state.params)
+        model = nnx.merge(graphdef, state.params, state.fixed)
+        noise = model.draw_noise(jax.random.fold_in(noise_key, state.step), images.shape[0])
+        grad_fn = jax.value_and_grad(loss_fn)
+        if grad_accum_steps == 1:
+            loss, grads = grad_fn(state.params, images, noise)
+        else:
+
+            def micro_batches(x: jax.Array) -> jax.Array:  # (N, ...) -> (k, N/k, ...)
+                return x.reshape(x.shape[0] // grad_accum_steps, grad_accum_steps, *x.shape[1:]).swapaxes(0, 1)
+
+            def accumulate(total: tuple, batch: tuple[jax.Array, jax.Array]) -> tuple[tuple, None]:
+                return jax.tree.map(jnp.add, total, grad_fn(state.params, *batch)), None
+
+            zeros = jax.tree.map(jnp.zeros_like, (jnp.zeros((), jnp.float32), state.params))
+            total, _ = jax.lax.scan(accumulate, zeros, (micro_batches(images), micro_batches(noise)))
+            loss, grads = jax.tree.map(lambda x: x / grad_accum_steps, total)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         new_state = state.replace(
             step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state
         )
         return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": lr_schedule(state.step)}
 
-    return train_step
+    if mesh is None or mesh.shape[sharding.FSDP_AXIS] == 1:
+        return train_step
+
+    def train_step_on_mesh(state: TrainState, images: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return train_step(state, images)
+
+    return train_step_on_mesh
 
 
 def schedule_steps(config: ml_collections.ConfigDict, num_examples: int) -> tuple[int, int]:
@@ -121,7 +157,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     lr_schedule = optim.schedule(config, total_steps, warmup_steps)
     tx = optim.make_optimizer(config, lr_schedule)
 
-    mesh = sharding.make_mesh()
+    mesh = sharding.make_mesh(config.mesh)
     replicated, batch_sharding = sharding.replicated(mesh), sharding.batch_sharding(mesh)
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
     logging.info("Config:\n%s", config)
@@ -132,9 +168,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     # Initialize, or restore the newest checkpoint in the workdir.
     # ------------------------------------------------------------------------------------------------
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: MAE(model_config, rngs=nnx.Rngs(0))))
-    init = jax.jit(lambda: init_train_state(model_config, tx, config.seed), out_shardings=replicated)
-    abstract_state = jax.eval_shape(init)
-    abstract_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract_state)
+    abstract_state = jax.eval_shape(lambda: init_train_state(model_config, tx, config.seed))
+    state_sharding = sharding.train_state_shardings(mesh, abstract_state, tx)  # FSDP: params and their moments
+    init = jax.jit(lambda: init_train_state(model_config, tx, config.seed), out_shardings=state_sharding)
+    abstract_state = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, state_sharding
+    )
     skipped = input_pipeline.SkippedImages()
     data_iterator = iter(input_pipeline.pretrain_dataset(source, config, skipped))
     restored = checkpointing.restore_latest(manager, abstract_state)
@@ -148,9 +187,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     start_step = int(state.step)
 
     train_step = jax.jit(
-        make_train_step(graphdef, tx, lr_schedule, config.mask_ratio, config.seed),
-        in_shardings=(replicated, batch_sharding),
-        out_shardings=(replicated, replicated),
+        make_train_step(
+            graphdef,
+            tx,
+            lr_schedule,
+            config.mask_ratio,
+            config.seed,
+            grad_accum_steps=config.grad_accum_steps,
+            mesh=mesh,
+        ),
+        in_shardings=(state_sharding, batch_sharding),
+        out_shardings=(state_sharding, replicated),
         donate_argnums=0,
     )
     reconstruct = reconstruction.make_reconstruct_fn(graphdef, config.mask_ratio)

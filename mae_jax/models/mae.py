@@ -10,7 +10,18 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mae_jax.models.vit import Block, Encoder, EncoderConfig, FixedEmbedding, layer_norm, linear, sincos_2d, token_init
+from mae_jax.models.vit import (
+    Block,
+    Compute,
+    Encoder,
+    EncoderConfig,
+    FixedEmbedding,
+    layer_norm,
+    linear,
+    run_blocks,
+    sincos_2d,
+    token_init,
+)
 
 NORM_PIX_EPS = 1e-6
 
@@ -24,6 +35,10 @@ class MAEConfig:
     decoder_depth: int = 8
     decoder_heads: int = 16
     norm_pix_loss: bool = True
+    compute: Compute = dataclasses.field(default_factory=Compute)
+    # The paper's Table 2 baseline "encoder w/ [M]": the encoder sees every token, the removed ones replaced
+    # by a learned mask token (an extra parameter); the decoder then unshuffles nothing.
+    mask_tokens_in_encoder: bool = False
 
     @classmethod
     def from_variant(cls, variant: str, image_size: int = 224, **decoder_and_loss) -> MAEConfig:
@@ -34,7 +49,8 @@ class MAEConfig:
 
     @classmethod
     def from_dict(cls, fields: dict) -> MAEConfig:
-        return cls(**{**fields, "encoder": EncoderConfig(**fields["encoder"])})
+        compute = Compute(**fields.get("compute", {}))  # model.json files from before `compute` have none
+        return cls(**{**fields, "encoder": EncoderConfig(**fields["encoder"]), "compute": compute})
 
 
 class MAEOutput(NamedTuple):
@@ -61,7 +77,7 @@ def random_masking(tokens: jax.Array, noise: jax.Array, mask_ratio: float) -> Ma
     ids_shuffle = jnp.argsort(noise, axis=1)
     ids_restore = jnp.argsort(ids_shuffle, axis=1)
     kept = jnp.take_along_axis(tokens, ids_shuffle[:, :len_keep, None], axis=1)
-    mask = (ids_restore >= len_keep).astype(tokens.dtype)
+    mask = (ids_restore >= len_keep).astype(jnp.float32)  # float32 also under bfloat16: the loss sums it
     return Masking(kept, mask, ids_restore)
 
 
@@ -93,27 +109,34 @@ class Decoder(nnx.Module):
     """Light decoder: mask tokens fill the removed positions, then blocks predict every patch's pixels."""
 
     def __init__(self, config: MAEConfig, *, rngs: nnx.Rngs):
-        enc = config.encoder
+        enc, compute, dtype = config.encoder, config.compute, config.compute.jnp_dtype
         width = config.decoder_width
-        self.embed = linear(enc.width, width, rngs)
+        self.remat = compute.remat
+        self.embed = linear(enc.width, width, rngs, dtype)
         self.mask_token = nnx.Param(token_init(rngs.params(), (1, 1, width)))
         self.pos_embed = FixedEmbedding(jnp.asarray(sincos_2d(width, enc.grid_size))[None])
         self.blocks = nnx.List(
-            [Block(width, config.decoder_heads, enc.mlp_ratio, rngs=rngs) for _ in range(config.decoder_depth)]
+            [
+                Block(width, config.decoder_heads, enc.mlp_ratio, compute=compute, rngs=rngs)
+                for _ in range(config.decoder_depth)
+            ]
         )
-        self.norm = layer_norm(width, rngs)
-        self.pred = linear(width, enc.patch_size**2 * 3, rngs)
+        self.norm = layer_norm(width, rngs, dtype)
+        self.pred = linear(width, enc.patch_size**2 * 3, rngs, dtype)
 
-    def __call__(self, latent: jax.Array, ids_restore: jax.Array) -> jax.Array:
+    def __call__(self, latent: jax.Array, ids_restore: jax.Array | None) -> jax.Array:
+        """`ids_restore=None`: the latent already holds every token in image order (the baseline)."""
         x = self.embed(latent)
-        n, num_visible, width = x.shape[0], x.shape[1] - 1, x.shape[2]
-        mask_tokens = jnp.broadcast_to(self.mask_token.astype(x.dtype), (n, ids_restore.shape[1] - num_visible, width))
-        shuffled = jnp.concatenate([x[:, 1:], mask_tokens], axis=1)
-        unshuffled = jnp.take_along_axis(shuffled, ids_restore[:, :, None], axis=1)
-        x = jnp.concatenate([x[:, :1], unshuffled], axis=1) + self.pos_embed
-        for block in self.blocks:
-            x = block(x)
-        return self.pred(self.norm(x))[:, 1:]
+        if ids_restore is not None:
+            n, num_visible, width = x.shape[0], x.shape[1] - 1, x.shape[2]
+            mask_tokens = jnp.broadcast_to(
+                self.mask_token.astype(x.dtype), (n, ids_restore.shape[1] - num_visible, width)
+            )
+            shuffled = jnp.concatenate([x[:, 1:], mask_tokens], axis=1)
+            unshuffled = jnp.take_along_axis(shuffled, ids_restore[:, :, None], axis=1)
+            x = jnp.concatenate([x[:, :1], unshuffled], axis=1)
+        x = x + self.pos_embed.astype(x.dtype)
+        return self.pred(self.norm(run_blocks(self.blocks, x, self.remat)))[:, 1:]
 
 
 class MAE(nnx.Module):
@@ -121,8 +144,10 @@ class MAE(nnx.Module):
 
     def __init__(self, config: MAEConfig, *, rngs: nnx.Rngs):
         self.config = config
-        self.encoder = Encoder(config.encoder, rngs=rngs)
+        self.encoder = Encoder(config.encoder, compute=config.compute, rngs=rngs)
         self.decoder = Decoder(config, rngs=rngs)
+        if config.mask_tokens_in_encoder:
+            self.encoder_mask_token = nnx.Param(token_init(rngs.params(), (1, 1, config.encoder.width)))
 
     def draw_noise(self, key: jax.Array, batch_size: int) -> jax.Array:
         """Per-sample uniform noise that fully determines the mask, as the official forward draws it."""
@@ -142,8 +167,14 @@ class MAE(nnx.Module):
                 raise ValueError("MAE needs the masking noise or a PRNG key to draw it: pass noise= or key=")
             noise = self.draw_noise(key, images.shape[0])
         patch_size = self.config.encoder.patch_size
-        masking = random_masking(self.encoder.embed_patches(images), noise, mask_ratio)
-        latent = self.encoder.encode(masking.kept)
-        pred = self.decoder(latent, masking.ids_restore)
+        tokens = self.encoder.embed_patches(images)
+        masking = random_masking(tokens, noise, mask_ratio)
+        if self.config.mask_tokens_in_encoder:
+            mask_tokens = (self.encoder_mask_token + self.encoder.pos_embed[:, 1:]).astype(tokens.dtype)
+            latent = self.encoder.encode(jnp.where(masking.mask[:, :, None] > 0, mask_tokens, tokens))
+            pred = self.decoder(latent, None)
+        else:
+            latent = self.encoder.encode(masking.kept)
+            pred = self.decoder(latent, masking.ids_restore)
         loss = reconstruction_loss(images, pred, masking.mask, patch_size, self.config.norm_pix_loss)
         return MAEOutput(loss, pred, masking.mask, latent)

@@ -1,0 +1,140 @@
+#!/usr/bin/env bash
+# Pretrain on a Cloud TPU VM, one host or a pod slice: create the VM or reuse it, install this checkout on every
+# worker, run the same command on all of them, and after a preemption recreate the VM and run it again; the
+# run resumes from the newest checkpoint in the gs:// workdir.
+#
+#   launch/tpu_vm.sh --name=mae-l16 --zone=us-central2-b --accelerator=v4-64 --workdir=gs://BUCKET/mae_l16 \
+#       --data_dir=gs://BUCKET/tensorflow_datasets [--version=tpu-ubuntu2204-base] [--project=P] [--spot] \
+#       [--max_restarts=100] [--dry-run] -- --config=configs/vit_large.py [--config.key=value ...]
+#
+# Every worker runs `python -m mae_jax.main MAIN_ARGS --workdir=WORKDIR --config.dataset.data_dir=DATA_DIR`;
+# `jax.distributed.initialize()` finds the other workers by itself on TPU VMs. The tracked files of this
+# checkout (with uncommitted edits) are copied to ~/mae_jax on each worker and installed with Python 3.11 and
+# jax[tpu]. Outcomes of a run, read from worker 0's exit status:
+#   0                    done.
+#   143, or none at all  stopped: JAX's preemption notice made it save and exit, or the VM or the ssh session
+#                        went away. A PREEMPTED or TERMINATED VM is deleted and recreated, a STOPPED one
+#                        started; then the run is started again (at most --max_restarts times).
+#   anything else        an error in the run (its message is above): the script stops with that status.
+# DRY_RUN=1 or --dry-run prints the gcloud commands of a first start instead of running them. The run lives in
+# the script's ssh sessions: start the script where it can outlive the run (tmux on a small VM).
+set -euo pipefail
+
+usage="usage: $0 --name=NAME --zone=ZONE --accelerator=TYPE --workdir=gs://... [--data_dir=DIR] [--version=V]"
+usage+=" [--project=P] [--spot] [--max_restarts=N] [--dry-run] -- --config=CONFIG [--config.key=value ...]"
+name='' zone='' accelerator='' workdir='' data_dir='' project='' spot=0
+version='tpu-ubuntu2204-base'
+max_restarts=100
+dry_run=${DRY_RUN:-0}
+while (($#)); do
+  case $1 in
+    --name=*) name=${1#*=} ;;
+    --zone=*) zone=${1#*=} ;;
+    --accelerator=*) accelerator=${1#*=} ;;
+    --workdir=*) workdir=${1#*=} ;;
+    --data_dir=*) data_dir=${1#*=} ;;
+    --version=*) version=${1#*=} ;;
+    --project=*) project=${1#*=} ;;
+    --spot) spot=1 ;;
+    --max_restarts=*) max_restarts=${1#*=} ;;
+    --dry-run) dry_run=1 ;;
+    --) shift; break ;;
+    *) echo "$usage" >&2; exit 2 ;;
+  esac
+  shift
+done
+if [[ -z $name || -z $zone || -z $accelerator || $# -eq 0 ]]; then
+  echo "$usage" >&2
+  exit 2
+fi
+if [[ $workdir != gs://* ]]; then # a VM's disk is lost with it, and every worker must write the same checkpoint
+  echo "tpu_vm.sh: --workdir must be a gs:// path (got '$workdir')" >&2
+  exit 2
+fi
+
+main_args=("$@" --workdir="$workdir")
+[[ -z $data_dir ]] || main_args+=(--config.dataset.data_dir="$data_dir")
+# Remote commands (single quotes: `~` expands on the workers). Worker 0's exit status tells how the run ended.
+remote_install='rm -rf ~/mae_jax ~/mae_jax_venv && mkdir ~/mae_jax && tar -xzf ~/mae_jax.tar.gz -C ~/mae_jax'
+remote_install+=' && curl -LsSf https://astral.sh/uv/install.sh | sh && ~/.local/bin/uv venv -q -p 3.11 ~/mae_jax_venv'
+remote_install+=' && ~/.local/bin/uv pip install -q -p ~/mae_jax_venv/bin/python -e ~/mae_jax "jax[tpu]==0.10.2"'
+remote_run='cd ~/mae_jax && . ~/mae_jax_venv/bin/activate && rm -f ~/.mae_jax_status && { python -m mae_jax.main'
+remote_run+="$(printf ' %q' "${main_args[@]}")"
+# shellcheck disable=SC2016 # $? and $status expand on the workers
+remote_run+='; status=$?; echo $status >~/.mae_jax_status; exit $status; }'
+remote_status='cat ~/.mae_jax_status 2>/dev/null'
+tpu=(gcloud compute tpus tpu-vm)
+where=(--zone="$zone")
+[[ -z $project ]] || where+=(--project="$project")
+repo=$(git -C "$(dirname "$0")" rev-parse --show-toplevel)
+tarball=${TMPDIR:-/tmp}/mae_jax_$name.tar.gz
+
+show() { # a command as one copy-pasteable line, quoting only the arguments that need it
+  local arg line=()
+  for arg; do
+    if [[ $arg =~ ^[][A-Za-z0-9_./=:,@%+-]+$ ]]; then line+=("$arg"); else line+=("'${arg//\'/\'\\\'\'}'"); fi
+  done
+  echo "${line[*]}"
+}
+run() { if ((dry_run)); then show "$@"; else "$@"; fi; }
+
+read_state() { # READY, PREEMPTED, ...; empty when there is no such VM (a dry run assumes none)
+  state=''
+  local query=("${tpu[@]}" describe "$name" "${where[@]}" --format='value(state)')
+  if ((dry_run)); then show "${query[@]}"; else state=$("${query[@]}" 2>/dev/null) || true; fi
+}
+
+create() {
+  local spot_flag=()
+  ((spot)) && spot_flag=(--spot)
+  run "${tpu[@]}" create "$name" "${where[@]}" --accelerator-type="$accelerator" --version="$version" \
+    ${spot_flag[@]+"${spot_flag[@]}"}
+}
+
+install() {
+  local tree=''
+  ((dry_run)) || tree=$(git -C "$repo" stash create) # uncommitted edits as a commit; empty if there are none
+  run git -C "$repo" archive --format=tar.gz -o "$tarball" "${tree:-HEAD}"
+  run "${tpu[@]}" scp "$tarball" "$name:~/mae_jax.tar.gz" "${where[@]}" --worker=all
+  run "${tpu[@]}" ssh "$name" "${where[@]}" --worker=all --command="$remote_install"
+}
+
+read_status() { # worker 0's exit status of the last run; empty when it did not get to write one (a dry run: 0)
+  status=0
+  local query=("${tpu[@]}" ssh "$name" "${where[@]}" --worker=0 --command="$remote_status")
+  if ((dry_run)); then show "${query[@]}"; else status=$("${query[@]}" 2>/dev/null) || true; fi
+}
+
+restarts=0
+installed=0
+while :; do
+  read_state
+  case $state in
+    READY) ;;
+    "") create; installed=0 ;;
+    STOPPED) run "${tpu[@]}" start "$name" "${where[@]}" ;;
+    PREEMPTED | TERMINATED)
+      run "${tpu[@]}" delete "$name" "${where[@]}" --quiet
+      create
+      installed=0
+      ;;
+    *) echo "tpu_vm.sh: $name is $state; checking again in 60 s"; sleep 60; continue ;;
+  esac
+  if ((!installed)); then
+    install
+    installed=1
+  fi
+  run "${tpu[@]}" ssh "$name" "${where[@]}" --worker=all --command="$remote_run" || true
+  read_status
+  case $status in
+    0) echo "tpu_vm.sh: the run finished; delete the VM with: ${tpu[*]} delete $name ${where[*]}"; exit 0 ;;
+    143 | "")
+      if ((++restarts > max_restarts)); then
+        echo "tpu_vm.sh: stopped $max_restarts times; giving up" >&2
+        exit 1
+      fi
+      echo "tpu_vm.sh: the run stopped (preemption or lost VM); restart $restarts of $max_restarts"
+      ;;
+    *) echo "tpu_vm.sh: the run failed with status $status" >&2; exit "$status" ;;
+  esac
+done

@@ -1,0 +1,317 @@
+"""Train-step speed: `python -m mae_jax.benchmark --config=configs/vit_base.py [--config.batch_size=8] [--baseline]
+[--torch] [--rounds=5] [--peak_tflops=...]`.
+
+Compiles the real train step (sharding, precision, optimizer as `--config` says) on synthetic images and
+prints the median step time, images/s (total and per device), model TFLOP/s per device and MFU. Model FLOPs
+are counted analytically: 3x the forward matmuls (encoder on the visible tokens, decoder on all), whatever
+remat recomputes; XLA's own count of the compiled step is printed beside them. MFU is against the device's
+peak from a table (`--peak_tflops` overrides it); on CPU the peak is a matmul measured in the same run, so
+MFU says how close the step comes to what this machine can do.
+
+`--baseline` also times the paper's Table 2 baseline (mask tokens in the encoder, which then sees every
+token) and prints MAE's speedup over it; `--torch` times transformers' `ViTMAEForPreTraining` train step
+(PyTorch, CPU, AdamW) on the same shapes. Every measurement runs once per round, interleaved, so that
+machine noise hits all alike; ratios are medians of per-round ratios.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import app, flags
+from flax import nnx
+from ml_collections import config_flags
+
+from mae_jax import configuration, optim, sharding, train
+from mae_jax.models.mae import MAE, MAEConfig, num_kept
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """Only when run as a program: `mae_jax.main` defines --config too, and tests import both modules."""
+    config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/vit_base.py.", lock_config=True)
+    flags.DEFINE_integer("rounds", 5, "Timed rounds; each runs every measured step once.")
+    flags.DEFINE_bool("baseline", False, "Also time the mask-tokens-in-encoder baseline (paper, Table 2).")
+    flags.DEFINE_bool("torch", False, "Also time transformers' ViTMAEForPreTraining train step (PyTorch, CPU).")
+    flags.DEFINE_float("peak_tflops", None, "Peak dense TFLOP/s per device for MFU; default: table or measured.")
+    flags.mark_flags_as_required(["config"])
+
+# Dense matmul peak per JAX device, TFLOP/s: (bfloat16, float32 at JAX's default precision). TPU v2/v3
+# devices are single cores; TPUs run float32 matmuls as bfloat16 passes, NVIDIA GPUs as TF32.
+PEAK_TFLOPS = {
+    "TPU v2": (22.5, 22.5),
+    "TPU v3": (61.5, 61.5),
+    "TPU v4": (275.0, 275.0),
+    "TPU v5 lite": (197.0, 197.0),
+    "TPU v5e": (197.0, 197.0),
+    "TPU v5p": (459.0, 459.0),
+    "TPU v6 lite": (918.0, 918.0),
+    "TPU v6e": (918.0, 918.0),
+    "H100": (989.0, 494.0),
+    "H200": (989.0, 494.0),
+    "H800": (989.0, 494.0),
+    "A100": (312.0, 156.0),
+    "L4": (121.0, 60.0),
+}
+
+
+# ---------------------------------------------------------------------------------------------------
+# FLOPs
+# ---------------------------------------------------------------------------------------------------
+def block_flops(tokens: int, width: int, mlp_ratio: int) -> int:
+    """Forward matmul FLOPs of one pre-norm block on one sequence: qkv, proj, MLP, and the two attention
+    products (q k^T and attention x v)."""
+    return 2 * tokens * width * width * (4 + 2 * mlp_ratio) + 4 * tokens * tokens * width
+
+
+def forward_flops(config: MAEConfig, mask_ratio: float) -> int:
+    """Forward matmul FLOPs of the MAE on one image."""
+    enc = config.encoder
+    patches, patch_dim = enc.num_patches, 3 * enc.patch_size**2
+    encoder_tokens = 1 + (patches if config.mask_tokens_in_encoder else num_kept(patches, mask_ratio))
+    return (
+        2 * patches * patch_dim * enc.width  # patch embedding
+        + enc.depth * block_flops(encoder_tokens, enc.width, enc.mlp_ratio)
+        + 2 * encoder_tokens * enc.width * config.decoder_width  # decoder embedding
+        + config.decoder_depth * block_flops(1 + patches, config.decoder_width, enc.mlp_ratio)
+        + 2 * (1 + patches) * config.decoder_width * patch_dim  # pixel prediction
+    )
+
+
+def train_flops(config: MAEConfig, mask_ratio: float, batch_size: int) -> int:
+    """Model FLOPs of one train step: forward + backward (2x forward)."""
+    return 3 * forward_flops(config, mask_ratio) * batch_size
+
+
+# ---------------------------------------------------------------------------------------------------
+# Steps to time
+# ---------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Measured:
+    """A step to time: `run()` does one step and waits for it; `flops` per step."""
+
+    name: str
+    run: Callable[[], None]
+    flops: float
+    times: list[float] = dataclasses.field(default_factory=list)
+
+    def time_once(self) -> float:
+        start = time.perf_counter()
+        self.run()
+        self.times.append(time.perf_counter() - start)
+        return self.times[-1]
+
+
+def jax_step(name: str, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> tuple[Measured, dict]:
+    """The real train step, compiled for `config` on `mesh`, and facts about its compilation."""
+    model_config = configuration.model_config(config)
+    tx = optim.make_optimizer(config, optax.constant_schedule(optim.learning_rate(config.base_lr, config.batch_size)))
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: MAE(model_config, rngs=nnx.Rngs(0))))
+    abstract_state = jax.eval_shape(lambda: train.init_train_state(model_config, tx, config.seed))
+    state_sharding = sharding.train_state_shardings(mesh, abstract_state, tx)
+    batch_sharding = sharding.batch_sharding(mesh)
+    state = jax.jit(lambda: train.init_train_state(model_config, tx, config.seed), out_shardings=state_sharding)()
+    step = train.make_train_step(
+        graphdef, tx, optax.constant_schedule(0.0), config.mask_ratio, config.seed,
+        grad_accum_steps=config.grad_accum_steps, mesh=mesh,
+    )  # fmt: skip
+    step = jax.jit(
+        step,
+        in_shardings=(state_sharding, batch_sharding),
+        out_shardings=(state_sharding, sharding.replicated(mesh)),
+        donate_argnums=0,
+    )
+    shape = (config.batch_size, config.image_size, config.image_size, 3)
+    images = jax.device_put(np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8), batch_sharding)
+    start = time.perf_counter()
+    compiled = step.lower(state, images).compile()
+    facts = {"compile_s": time.perf_counter() - start, "xla_flops": _xla_flops(compiled)}
+    memory = compiled.memory_analysis()
+    if memory is not None:
+        facts["footprint_bytes"] = memory.argument_size_in_bytes + memory.temp_size_in_bytes
+    holder = [state]
+
+    def run() -> None:
+        holder[0], metrics = compiled(holder[0], images)
+        jax.block_until_ready(metrics["loss"])
+
+    return Measured(name, run, train_flops(model_config, config.mask_ratio, config.batch_size)), facts
+
+
+def _xla_flops(compiled: jax.stages.Compiled) -> float | None:
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, list | tuple):  # one entry per program in older JAX versions
+        analysis = analysis[0] if analysis else None
+    return analysis.get("flops") if analysis else None
+
+
+def torch_step(config: ml_collections.ConfigDict) -> Measured:
+    """transformers' ViTMAEForPreTraining train step (AdamW) on CPU, with this machine's cores."""
+    import torch
+    import transformers
+
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    model_config = configuration.model_config(config)
+    enc = model_config.encoder
+    hf_config = transformers.ViTMAEConfig(
+        hidden_size=enc.width,
+        num_hidden_layers=enc.depth,
+        num_attention_heads=enc.num_heads,
+        intermediate_size=enc.mlp_ratio * enc.width,
+        image_size=enc.image_size,
+        patch_size=enc.patch_size,
+        decoder_hidden_size=model_config.decoder_width,
+        decoder_num_hidden_layers=model_config.decoder_depth,
+        decoder_num_attention_heads=model_config.decoder_heads,
+        decoder_intermediate_size=enc.mlp_ratio * model_config.decoder_width,
+        mask_ratio=config.mask_ratio,
+        norm_pix_loss=model_config.norm_pix_loss,
+        layer_norm_eps=1e-6,
+    )
+    model = transformers.ViTMAEForPreTraining(hf_config).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(config.b1, config.b2), weight_decay=config.weight_decay)
+    pixels = torch.randn(config.batch_size, 3, config.image_size, config.image_size)
+
+    def run() -> None:
+        opt.zero_grad(set_to_none=True)
+        model(pixel_values=pixels).loss.backward()
+        opt.step()
+
+    return Measured("PyTorch ViTMAE", run, train_flops(model_config, config.mask_ratio, config.batch_size))
+
+
+def matmul_peak(dtype: jnp.dtype) -> Measured:
+    """The best of a few square matmuls: what this device's matmul units really deliver."""
+    size = 2048
+    a = jnp.ones((size, size), dtype)
+    matmul = jax.jit(lambda x, y: x @ y)
+
+    def run() -> None:
+        for _ in range(3):
+            matmul(a, a).block_until_ready()
+
+    return Measured("matmul", run, 3 * 2 * size**3)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------------
+def peak_tflops(device: jax.Device, dtype: str) -> float | None:
+    if FLAGS.peak_tflops:
+        return FLAGS.peak_tflops
+    for kind, peaks in PEAK_TFLOPS.items():
+        if kind.lower() in device.device_kind.lower():
+            return peaks[0] if dtype == "bfloat16" else peaks[1]
+    return None
+
+
+def peak_memory(device: jax.Device) -> str:
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if stats and "peak_bytes_in_use" in stats:
+        return f"{stats['peak_bytes_in_use'] / 2**30:.2f} GiB"
+    return f"not reported on {device.platform}"
+
+
+def benchmark(config: ml_collections.ConfigDict, rounds: int, baseline: bool, with_torch: bool) -> dict:
+    """Time everything asked for, interleaved round by round; returns the figures it prints."""
+    configuration.validate(config)
+    mesh = sharding.make_mesh(config.mesh)
+    device = jax.devices()[0]
+    devices = jax.device_count()
+    model_config = configuration.model_config(config)
+    print(
+        f"device: {devices} x {device.device_kind} ({device.platform}), {jax.process_count()} process(es); "
+        f"mesh data={mesh.shape[sharding.DATA_AXIS]} fsdp={mesh.shape[sharding.FSDP_AXIS]}\n"
+        f"model: {config.model.variant} at {config.image_size} px, decoder {model_config.decoder_depth}x"
+        f"{model_config.decoder_width}, mask ratio {config.mask_ratio}, {config.model.dtype}, attention "
+        f"{config.model.attention}, remat {config.model.remat}; batch {config.batch_size} "
+        f"({config.batch_size // devices} per device), grad_accum_steps {config.grad_accum_steps}",
+        flush=True,
+    )
+    mae, facts = jax_step("mae_jax", config, mesh)
+    measured = [mae]
+    if baseline:
+        baseline_config = config.copy_and_resolve_references()
+        baseline_config.model.mask_tokens_in_encoder = True
+        measured.append(jax_step("mae_jax, mask tokens in encoder", baseline_config, mesh)[0])
+    if with_torch:
+        measured.append(torch_step(config))
+    peak = peak_tflops(device, config.model.dtype)
+    matmul = None
+    if peak is None and device.platform == "cpu":
+        matmul = matmul_peak(model_config.compute.jnp_dtype)
+        measured.append(matmul)
+
+    for m in measured:  # warm-up round: first-touch allocations, lazy initialization
+        m.run()
+    for _ in range(rounds):
+        for m in measured:
+            m.time_once()
+
+    def median_ratio(a: Measured, b: Measured) -> float:  # per round: b's time / a's time
+        return statistics.median(tb / ta for ta, tb in zip(a.times, b.times, strict=True))
+
+    xla = facts["xla_flops"]
+    xla_text = f"{xla / 1e9:.1f} GFLOP" if xla else "unavailable"
+    print(
+        f"compile {facts['compile_s']:.1f} s; per step: model {mae.flops / 1e9:.1f} GFLOP (3 x forward matmuls), "
+        f"XLA cost analysis {xla_text}"
+    )
+    figures = {"compile_s": facts["compile_s"], "model_flops": mae.flops, "xla_flops": xla}
+    print(f"{'':34} {'step s':>8} {'images/s':>9} {'/device':>8} {'TFLOP/s/dev':>12} {'MFU':>6}")
+    for m in measured:
+        if m is matmul:
+            continue
+        step_s = statistics.median(m.times)
+        tflops = m.flops / step_s / devices / 1e12
+        if matmul is not None:  # per round, against the matmul measured next to it
+            mfu = statistics.median(
+                (m.flops / t) / (matmul.flops / tm) for t, tm in zip(m.times, matmul.times, strict=True)
+            )
+        else:
+            mfu = tflops / peak if peak else float("nan")
+        print(
+            f"{m.name:34} {step_s:8.3f} {config.batch_size / step_s:9.2f} "
+            f"{config.batch_size / step_s / devices:8.2f} {tflops:12.4f} {mfu:6.1%}"
+        )
+        figures[m.name] = {"step_s": step_s, "images_per_s": config.batch_size / step_s, "mfu": mfu}
+    if matmul is not None:
+        peak = statistics.median(matmul.flops / t for t in matmul.times) / 1e12
+        print(f"peak: {config.model.dtype} {2048}^3 matmul measured in this run, {peak:.4f} TFLOP/s (median)")
+    else:
+        print(f"peak: {peak} TFLOP/s per device" + (" (--peak_tflops)" if FLAGS.peak_tflops else " (table)"))
+    figures["peak_tflops"] = peak
+    for m in measured[1:]:
+        if m is matmul:
+            continue
+        ratio = median_ratio(mae, m)
+        what = "MAE speedup over the mask-token baseline" if "mask tokens" in m.name else f"mae_jax vs {m.name}"
+        print(f"{what}: {ratio:.2f}x (median of per-round step-time ratios)")
+        figures[f"ratio {m.name}"] = ratio
+    footprint = facts.get("footprint_bytes")
+    print(
+        f"peak device memory: {peak_memory(device)}"
+        + (f"; compiled step arguments + temporaries {footprint / 2**30:.2f} GiB" if footprint else "")
+    )
+    return figures
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    benchmark(FLAGS.config, FLAGS.rounds, FLAGS.baseline, FLAGS.torch)
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

@@ -1,0 +1,67 @@
+"""The benchmark's FLOP count against the model's own matmuls, and the command line end to end."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import subprocess
+import sys
+
+import jax
+import pytest
+from flax import nnx
+
+from mae_jax import benchmark
+from mae_jax.models.mae import MAE, MAEConfig
+from tests.conftest import REPO, TINY
+
+
+def matmul_flops(jaxpr: jax.extend.core.Jaxpr) -> int:
+    """2 x multiply-adds of every dot_general and convolution in a jaxpr, nested jaxprs included."""
+    total = 0
+    for eqn in jaxpr.eqns:
+        out = eqn.outvars[0].aval.shape
+        if eqn.primitive.name == "dot_general":
+            (contracting, _), _ = eqn.params["dimension_numbers"]
+            total += 2 * math.prod(out) * math.prod(eqn.invars[0].aval.shape[d] for d in contracting)
+        elif eqn.primitive.name == "conv_general_dilated":
+            kernel = eqn.invars[1].aval.shape  # HWIO
+            total += 2 * math.prod(out) * math.prod(kernel[:-1])
+        for param in eqn.params.values():
+            if isinstance(param, jax.extend.core.ClosedJaxpr):
+                total += matmul_flops(param.jaxpr)
+    return total
+
+
+@pytest.mark.parametrize("mask_ratio", [0.75, 0.6])
+@pytest.mark.parametrize("baseline", [False, True], ids=["mae", "mask_tokens_in_encoder"])
+@pytest.mark.parametrize("variant", ["tiny", "B/16"])
+def test_forward_flops_equal_the_models_matmuls(variant: str, baseline: bool, mask_ratio: float):
+    config = TINY if variant == "tiny" else MAEConfig.from_variant(variant)
+    config = dataclasses.replace(config, mask_tokens_in_encoder=baseline)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: MAE(config, rngs=nnx.Rngs(0))))
+    size = config.encoder.image_size
+    images = jax.ShapeDtypeStruct((2, size, size, 3), jax.numpy.float32)
+    jaxpr = jax.make_jaxpr(lambda s, x: nnx.merge(graphdef, s)(x, mask_ratio, key=jax.random.key(0)).loss)(
+        state, images
+    )
+    assert benchmark.forward_flops(config, mask_ratio) * 2 == matmul_flops(jaxpr.jaxpr)
+
+
+def test_benchmark_prints_its_figures():
+    command = [
+        sys.executable, "-m", "mae_jax.benchmark", "--config=configs/demo.py", "--config.image_size=32",
+        "--config.batch_size=8", "--config.model.decoder_width=32", "--config.model.decoder_depth=1",
+        "--config.model.decoder_heads=2", "--rounds=2", "--baseline", "--torch",
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    number = r"[\d.]+"
+    for name in ("mae_jax", "mae_jax, mask tokens in encoder", "PyTorch ViTMAE"):  # step s, images/s, ..., MFU
+        assert re.search(rf"^{re.escape(name)} +{number} +{number} +{number} +{number} +{number}%$", out, re.M), out
+    assert re.search(rf"MAE speedup over the mask-token baseline: {number}x", out), out
+    assert re.search(rf"mae_jax vs PyTorch ViTMAE: {number}x", out), out
+    assert re.search(rf"peak: float32 2048\^3 matmul measured in this run, {number} TFLOP/s", out), out
+    assert re.search(rf"per step: model {number} GFLOP .*XLA cost analysis {number} GFLOP", out), out
