@@ -76,7 +76,16 @@ def load_encoder(directory: str | epath.Path) -> Encoder:
 # Train-state checkpoints in a workdir
 # ---------------------------------------------------------------------------------------------------
 # Keys whose change alters the parameters' shapes or meaning: a workdir's checkpoint must agree on them.
-MODEL_KEYS = ("image_size", "model.variant", "model.decoder_width", "model.decoder_depth", "model.decoder_heads")
+MODEL_KEYS = (
+    "task",
+    "image_size",
+    "num_classes",
+    "model.variant",
+    "model.decoder_width",
+    "model.decoder_depth",
+    "model.decoder_heads",
+    "model.global_pool",
+)
 
 
 class CheckpointError(RuntimeError):

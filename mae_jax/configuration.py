@@ -19,14 +19,20 @@ class ConfigError(ValueError):
     """A config value that cannot work; the message is one line naming the key."""
 
 
+TASKS = ("pretrain", "finetune", "linprobe")
+SOURCES = ("tfds", "folder", "fashion_mnist", "demo")  # input_pipeline.make_source
+
+
 def base_config() -> ml_collections.ConfigDict:
     """The paper's ViT-B/16 pretraining recipe on ImageNet-1k (800 epochs)."""
     config = ml_collections.ConfigDict()
+    config.task = "pretrain"
     config.seed = 0
 
     config.dataset = ml_collections.ConfigDict()
     # "tfds": dataset `name` from TFDS; "folder": `data_dir`/`split`/<class>/<image>, the ImageNet layout;
-    # "demo": scikit-image's bundled photographs.
+    # "fashion_mnist": the IDX files in `data_dir` (None: where `apt-get install dataset-fashion-mnist` puts
+    # them), split "train" or "test"; "demo": scikit-image's bundled photographs (unlabeled).
     config.dataset.source = "tfds"
     config.dataset.name = "imagenet2012"
     config.dataset.split = "train"
@@ -71,6 +77,61 @@ def base_config() -> ml_collections.ConfigDict:
     config.checkpoint_every_steps = 1000  # also at the end and on preemption (SIGTERM)
     config.keep_checkpoints = 3
     config.skip_nonfinite_steps = 0  # 0: stop at a non-finite loss/gradient; N: skip up to N in a row
+
+    config.knn = ml_collections.ConfigDict()  # weighted k-NN accuracy of the encoder's cls features, as DINO's
+    config.knn.every_steps = 0  # > 0: kNN top-1 of the encoder's features every that many steps (and at the end)
+    config.knn.train_split = "train"  # labeled examples the neighbours come from (same dataset.source/name)
+    config.knn.eval_split = "test"
+    config.knn.num_train = 10000  # the first that many examples of each split
+    config.knn.num_eval = 2000
+    config.knn.k = 20
+    config.knn.temperature = 0.07  # neighbour weight exp(cosine similarity / temperature)
+    config.knn.batch_size = 256  # global, over all hosts
+    return config
+
+
+def downstream_config(task: str) -> ml_collections.ConfigDict:
+    """The official ViT-B/16 fine-tuning ("finetune") or linear-probing ("linprobe") recipe on ImageNet-1k.
+
+    Keys shared with pretraining mean the same; the model keys describe the classifier around the encoder.
+    """
+    if task not in TASKS[1:]:
+        raise ValueError(f"downstream task {task!r} must be one of {TASKS[1:]}")
+    finetune = task == "finetune"
+    config = base_config()
+    for key in ("mask_ratio", "image_every_steps", "num_images", "knn"):
+        del config[key]
+    for key in ("decoder_width", "decoder_depth", "decoder_heads", "norm_pix_loss", "mask_tokens_in_encoder"):
+        del config.model[key]
+    config.task = task
+    config.dataset.eval_split = "validation"  # top-1/top-5 are measured on it
+    config.dataset.num_train = -1  # > 0: train on the first that many examples only (few-label experiments)
+    config.num_classes = 1000
+    # The encoder to start from: a parameter directory (e.g. WORKDIR/encoder of a pretraining run), a
+    # pretraining workdir (its newest checkpoint) or an official .pth; "" starts from random init.
+    config.init = ""
+    config.model.global_pool = finetune  # fine-tuning: mean of patch tokens + fc_norm; linprobe: cls token
+    config.model.drop_path = 0.1 if finetune else 0.0  # 0.2 for L, 0.3 for H
+
+    config.batch_size = 1024 if finetune else 16384
+    config.num_epochs = 100 if finetune else 90
+    config.warmup_epochs = 5 if finetune else 10
+    config.base_lr = 5e-4 if finetune else 0.1  # lr = base_lr * batch_size / 256; fine-tuning L/H: 1e-3
+    config.min_lr = 1e-6 if finetune else 0.0
+    config.weight_decay = 0.05 if finetune else 0.0
+    config.b2 = 0.999  # AdamW (fine-tuning); LARS (linprobe) has momentum b1 = 0.9
+    config.layer_decay = 0.65 if finetune else 1.0  # layer-wise lr decay; 0.75 for L/H
+
+    config.augment = ml_collections.ConfigDict()
+    config.augment.rand_augment = finetune  # RandAugment rand-m9-mstd0.5-inc1
+    config.augment.mixup = 0.8 if finetune else 0.0  # Beta(alpha, alpha); 0 switches it off
+    config.augment.cutmix = 1.0 if finetune else 0.0
+    config.augment.mixup_switch_prob = 0.5  # with both on: the share of batches that use cutmix
+    config.augment.label_smoothing = 0.1 if finetune else 0.0
+    config.augment.random_erasing = 0.25 if finetune else 0.0  # probability per image
+
+    config.eval_every_steps = 1000  # also at the end
+    config.eval_batch_size = 1024
     return config
 
 
@@ -100,7 +161,10 @@ def _unknown_keys(config: ml_collections.ConfigDict, reference: ml_collections.C
 
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raise ConfigError with one line for the first value that cannot work."""
-    unknown = _unknown_keys(config, base_config())
+    task = config.get("task", "pretrain")
+    if task not in TASKS:
+        raise ConfigError(f"task={task!r} must be one of {TASKS}")
+    unknown = _unknown_keys(config, base_config() if task == "pretrain" else downstream_config(task))
     if unknown:
         raise ConfigError(f"unknown config keys {unknown}; see mae_jax/configuration.py for the valid ones")
     name, _, patch = config.model.variant.partition("/")
@@ -108,16 +172,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"model.variant={config.model.variant!r} is not NAME/PATCH with NAME in {sorted(VARIANTS)}")
     if config.image_size % int(patch):
         raise ConfigError(f"image_size={config.image_size} is not divisible by the patch size {patch}")
-    if not 0 <= config.mask_ratio < 1:
-        raise ConfigError(f"mask_ratio={config.mask_ratio} must be in [0, 1)")
-    num_patches = (config.image_size // int(patch)) ** 2
-    if num_kept(num_patches, config.mask_ratio) < 1:
-        raise ConfigError(f"mask_ratio={config.mask_ratio} keeps no patch of the {num_patches} in an image")
-    if config.model.decoder_width % config.model.decoder_heads or config.model.decoder_width % 4:
-        raise ConfigError(
-            f"model.decoder_width={config.model.decoder_width} must be divisible by 4 and by "
-            f"model.decoder_heads={config.model.decoder_heads}"
-        )
+    if task == "pretrain":
+        _validate_pretraining(config, (config.image_size // int(patch)) ** 2)
+    else:
+        _validate_downstream(config)
     if config.model.dtype not in COMPUTE_DTYPES:
         raise ConfigError(f"model.dtype={config.model.dtype!r} must be one of {COMPUTE_DTYPES}")
     if config.model.attention not in ATTENTION_IMPLEMENTATIONS:
@@ -141,12 +199,71 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError("set num_epochs > 0 or total_steps > 0")
     if config.base_lr <= 0 or config.min_lr < 0:
         raise ConfigError(f"base_lr={config.base_lr} must be > 0 and min_lr={config.min_lr} >= 0")
-    if config.dataset.source not in ("tfds", "folder", "demo"):
-        raise ConfigError(f"dataset.source={config.dataset.source!r} must be 'tfds', 'folder' or 'demo'")
+    if config.dataset.source not in SOURCES:
+        names = ", ".join(map(repr, SOURCES[:-1]))
+        raise ConfigError(f"dataset.source={config.dataset.source!r} must be {names} or {SOURCES[-1]!r}")
     if config.batch_size % jax.process_count():
         raise ConfigError(f"batch_size={config.batch_size} is not a multiple of the {jax.process_count()} hosts")
     if config.skip_nonfinite_steps < 0:
         raise ConfigError(f"skip_nonfinite_steps={config.skip_nonfinite_steps} must be >= 0")
-    for key in ("log_every_steps", "image_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
+    for key in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
         if config[key] < 1:
             raise ConfigError(f"{key}={config[key]} must be >= 1")
+
+
+def _validate_pretraining(config: ml_collections.ConfigDict, num_patches: int) -> None:
+    if not 0 <= config.mask_ratio < 1:
+        raise ConfigError(f"mask_ratio={config.mask_ratio} must be in [0, 1)")
+    if num_kept(num_patches, config.mask_ratio) < 1:
+        raise ConfigError(f"mask_ratio={config.mask_ratio} keeps no patch of the {num_patches} in an image")
+    if config.model.decoder_width % config.model.decoder_heads or config.model.decoder_width % 4:
+        raise ConfigError(
+            f"model.decoder_width={config.model.decoder_width} must be divisible by 4 and by "
+            f"model.decoder_heads={config.model.decoder_heads}"
+        )
+    if config.image_every_steps < 1:
+        raise ConfigError(f"image_every_steps={config.image_every_steps} must be >= 1")
+    _validate_knn(config)
+
+
+def _validate_knn(config: ml_collections.ConfigDict) -> None:
+    knn = config.knn
+    for key, valid, rule in (
+        ("every_steps", knn.every_steps >= 0, ">= 0"),
+        ("k", knn.k >= 1, ">= 1"),
+        ("temperature", knn.temperature > 0, "> 0"),
+    ):
+        if not valid:
+            raise ConfigError(f"knn.{key}={knn[key]} must be {rule}")
+    if knn.every_steps == 0:
+        return
+    if config.dataset.source == "demo":
+        raise ConfigError("knn.every_steps > 0 needs labeled data: dataset.source='demo' has no labels")
+    if knn.num_train < 1 or knn.num_eval < 1:
+        raise ConfigError(f"knn.num_train={knn.num_train} and knn.num_eval={knn.num_eval} must be >= 1")
+    if knn.batch_size < 1 or knn.batch_size % jax.device_count():
+        raise ConfigError(
+            f"knn.batch_size={knn.batch_size} is not a positive multiple of the {jax.device_count()} devices"
+        )
+
+
+def _validate_downstream(config: ml_collections.ConfigDict) -> None:
+    if config.num_classes < 2:
+        raise ConfigError(f"num_classes={config.num_classes} must be >= 2")
+    if not 0 <= config.model.drop_path < 1:
+        raise ConfigError(f"model.drop_path={config.model.drop_path} must be in [0, 1)")
+    if not 0 < config.layer_decay <= 1:
+        raise ConfigError(f"layer_decay={config.layer_decay} must be in (0, 1]")
+    augment = config.augment
+    if min(augment.mixup, augment.cutmix, augment.label_smoothing, augment.random_erasing) < 0:
+        raise ConfigError("augment.mixup, cutmix, label_smoothing and random_erasing must be >= 0")
+    if augment.label_smoothing >= 1 or augment.random_erasing > 1 or not 0 <= augment.mixup_switch_prob <= 1:
+        raise ConfigError("augment.label_smoothing must be < 1; random_erasing and mixup_switch_prob in [0, 1]")
+    if config.eval_every_steps < 1 or config.eval_batch_size < 1:
+        raise ConfigError("eval_every_steps and eval_batch_size must be >= 1")
+    if config.eval_batch_size % jax.device_count():
+        raise ConfigError(
+            f"eval_batch_size={config.eval_batch_size} is not a multiple of the {jax.device_count()} devices"
+        )
+    if config.dataset.source == "demo":
+        raise ConfigError("dataset.source='demo' has no labels: fine-tuning and linear probing need a labeled dataset")

@@ -159,6 +159,29 @@ def to_official(state: nnx.State | Mapping, *, encoder_only: bool = False) -> di
     return {key: array for _, key, array in sorted(out, key=lambda item: item[0])}  # in the official module order
 
 
+def classifier_to_official(state: nnx.State | Mapping) -> dict[str, np.ndarray]:
+    """The official (timm `VisionTransformer`) state_dict of a `models.classifier.Classifier` state.
+
+    Fine-tuned with global pooling: `fc_norm.*` replaces the encoder's `norm.*`, as in `models_vit.py`.
+    Linear probe: the head is `head.0` (BatchNorm1d without affine: running statistics) + `head.1` (Linear),
+    as `main_linprobe.py` builds it.
+    """
+    pure = nnx.to_pure_dict(state) if isinstance(state, nnx.State) else state
+    out = to_official({"encoder": pure["encoder"]}, encoder_only=True)
+    if "fc_norm" in pure:
+        out = {key: value for key, value in out.items() if not key.startswith("norm.")}
+        out["fc_norm.weight"] = _to_numpy(pure["fc_norm"]["scale"])
+        out["fc_norm.bias"] = _to_numpy(pure["fc_norm"]["bias"])
+    head = "head"
+    if "head_norm" in pure:
+        out["head.0.running_mean"] = _to_numpy(pure["head_norm"]["mean"])
+        out["head.0.running_var"] = _to_numpy(pure["head_norm"]["var"])
+        head = "head.1"
+    out[f"{head}.weight"] = np.ascontiguousarray(_to_numpy(pure["head"]["kernel"]).T)
+    out[f"{head}.bias"] = _to_numpy(pure["head"]["bias"])
+    return out
+
+
 def _block_count(state_dict: Mapping[str, Any], prefix: str) -> int:
     indices = {int(m.group(1)) for key in state_dict if (m := re.match(rf"{re.escape(prefix)}\.(\d+)\.", key))}
     return max(indices) + 1 if indices else 0
@@ -214,13 +237,19 @@ def infer_config(
 
 
 def from_official(
-    state_dict: Mapping[str, Any], config: MAEConfig, encoder_only_ok: bool = True, *, decoder_seed: int = 0
+    state_dict: Mapping[str, Any],
+    config: MAEConfig,
+    encoder_only_ok: bool = True,
+    *,
+    fresh_decoder: bool = True,
+    decoder_seed: int = 0,
 ) -> nnx.State:
     """The mae_jax state of an official state_dict, checked key by key and shape by shape against `config`.
 
     An encoder-only file (the released `mae_pretrain_vit_*.pth`) is accepted when `encoder_only_ok`: the
     decoder then is the one of a fresh `MAE(config, rngs=nnx.Rngs(decoder_seed))`, with the fixed sin-cos
-    decoder position table. Any other difference raises one ValueError that lists every offending key.
+    decoder position table, or, without `fresh_decoder`, the state is `{"encoder": ...}` alone. Any other
+    difference raises one ValueError that lists every offending key.
     """
     state = checkpointing.abstract_model_state(config)
     expected = {}  # official key -> (mae_jax path, axes, abstract leaf)
@@ -230,8 +259,8 @@ def from_official(
 
     decoder_keys = {key for key, (path, _, _) in expected.items() if path.startswith("decoder.")}
     missing = set(expected) - set(state_dict)
-    fresh_decoder = encoder_only_ok and decoder_keys <= missing
-    if fresh_decoder:
+    encoder_only = encoder_only_ok and decoder_keys <= missing
+    if encoder_only:
         missing -= decoder_keys
     unexpected = set(state_dict) - set(expected)
     mismatched = []
@@ -253,8 +282,11 @@ def from_official(
             message += " (head.*/fc_norm.* belong to a fine-tuned classifier, not to an MAE pretraining checkpoint)"
         raise ValueError(message)
 
+    if encoder_only and not fresh_decoder:
+        state = nnx.State({"encoder": state["encoder"]})
+        expected = {key: value for key, value in expected.items() if key not in decoder_keys}
     pure = nnx.to_pure_dict(state)
-    if fresh_decoder:
+    if encoder_only and fresh_decoder:
         logging.warning(
             "Checkpoint has no decoder (encoder-only file): the decoder is a fresh init of "
             "MAE(config, rngs=nnx.Rngs(%d)) with the fixed sin-cos position table.",
@@ -274,6 +306,8 @@ def _warn_on_unusual_position_tables(pure: dict, config: MAEConfig) -> None:
     """Position tables are fixed; one that is not the official sin-cos table is loaded as is, but flagged."""
     grid = config.encoder.grid_size
     for part, width in (("encoder", config.encoder.width), ("decoder", config.decoder_width)):
+        if part not in pure:
+            continue
         error = float(np.max(np.abs(np.asarray(pure[part]["pos_embed"])[0] - sincos_2d(width, grid))))
         if error > 1e-5:
             logging.warning("The %s position table differs from the sin-cos table by up to %.3g", part, error)

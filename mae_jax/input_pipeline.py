@@ -1,20 +1,22 @@
 """Input pipeline: source -> this host's shard -> shuffle -> decode + augment -> drop bad images -> batch.
 
 Sources are random-access sequences of records `{"image": encoded bytes or uint8 array, "label": int,
-"name": str}`: a TFDS dataset (`tfds.data_source`, ArrayRecord), an image folder in the ImageNet layout, or
-the photographs that scikit-image ships (the demo). grain reads them with threads (and optionally worker
-processes); element `i` of the shuffled stream and its augmentation depend only on the seed and `i`, and
-the iterator's state is saved with each checkpoint, so a resumed run reads the batches an uninterrupted
-one would. Images leave the host as uint8; mean/std normalization runs on the accelerator.
+"name": str}`: a TFDS dataset (`tfds.data_source`, ArrayRecord), an image folder in the ImageNet layout,
+Fashion-MNIST's IDX files (a small labeled set for the kNN monitor), or the photographs that scikit-image
+ships (the demo). grain reads them with threads (and optionally worker processes); element `i` of the
+shuffled stream and its augmentation depend only on the seed and `i`, and the iterator's state is saved
+with each checkpoint, so a resumed run reads the batches an uninterrupted one would. Images leave the
+host as uint8; mean/std normalization runs on the accelerator.
 """
 
 from __future__ import annotations
 
 import collections
 import functools
+import gzip
 import io
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import grain
@@ -26,13 +28,19 @@ from absl import logging
 from etils import epath
 from PIL import Image
 
+from mae_jax import augment
+
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
-CROP_SCALE = (0.2, 1.0)
+CROP_SCALE = (0.2, 1.0)  # pretraining; fine-tuning and linear probing use torchvision's default (0.08, 1)
+FINETUNE_CROP_SCALE = (0.08, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
 EVAL_RESIZE_RATIO = 256 / 224
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
 NO_LABEL = -1
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # where Debian's dataset-fashion-mnist package puts it
+FASHION_MNIST_SPLITS = {"train": "train", "test": "t10k"}  # split -> file name prefix
+Transform = Callable[[np.ndarray, np.random.Generator], np.ndarray]  # decoded uint8 image -> augmented one
 
 # scikit-image sample photographs that ship inside the package (no download), used by the demo.
 DEMO_PHOTOS = (
@@ -122,6 +130,49 @@ class TfdsSource(Sequence):
         }
 
 
+def read_idx(path: epath.Path) -> np.ndarray:
+    """A gzipped uint8 IDX file (the MNIST format): bytes 0 0 0x08 ndim, big-endian uint32 sizes, the data."""
+    try:
+        data = gzip.decompress(path.read_bytes())
+        if data[:3] != b"\0\0\x08":
+            raise ValueError("not a uint8 IDX file")
+        shape = tuple(np.frombuffer(data, ">u4", count=data[3], offset=4))
+        return np.frombuffer(data, np.uint8, count=math.prod(shape), offset=4 + 4 * data[3]).reshape(shape)
+    except (OSError, EOFError, ValueError) as error:  # gzip and numpy's errors for damaged or short files
+        raise DatasetNotFoundError(f"cannot read {path} ({type(error).__name__}: {error})") from error
+
+
+class FashionMnist(Sequence):
+    """Fashion-MNIST (28x28 grayscale, 10 classes) from its IDX files: a small labeled set that installs offline."""
+
+    def __init__(self, root: str | epath.Path, split: str):
+        if split not in FASHION_MNIST_SPLITS:
+            raise DatasetNotFoundError(f"fashion_mnist has splits {sorted(FASHION_MNIST_SPLITS)}, not {split!r}")
+        root = epath.Path(root)
+        prefix = root / FASHION_MNIST_SPLITS[split]
+        images, labels = epath.Path(f"{prefix}-images-idx3-ubyte.gz"), epath.Path(f"{prefix}-labels-idx1-ubyte.gz")
+        if not (images.is_file() and labels.is_file()):
+            raise DatasetNotFoundError(
+                f"fashion_mnist: {images.name} and {labels.name} are not in {root}; "
+                f"`apt-get install dataset-fashion-mnist` puts them in {FASHION_MNIST_DIR}, or set dataset.data_dir"
+            )
+        self._images, self._labels = read_idx(images), read_idx(labels)
+        if self._images.ndim != 3 or self._labels.shape != self._images.shape[:1]:
+            raise DatasetNotFoundError(f"{images} {self._images.shape} and {labels} {self._labels.shape} do not match")
+        self._prefix = f"fashion_mnist/{split}"
+
+    def __len__(self) -> int:
+        return len(self._labels)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {"image": self._images[index], "label": int(self._labels[index]), "name": f"{self._prefix}:{index}"}
+
+
+def first(source: Sequence, count: int) -> Sequence:
+    """The first `count` records of a source (few-label training); all of them if it holds fewer."""
+    return grain.MapDataset.source(source)[:count]
+
+
 def make_source(dataset: ml_collections.ConfigDict) -> Sequence:
     """The source named by `config.dataset`; a missing or empty one is a DatasetNotFoundError here, at start."""
     if dataset.source == "demo":
@@ -132,6 +183,8 @@ def make_source(dataset: ml_collections.ConfigDict) -> Sequence:
         if not dataset.data_dir:
             raise DatasetNotFoundError("dataset.source='folder' needs dataset.data_dir (the folder holding <split>/)")
         source = ImageFolder(epath.Path(dataset.data_dir) / dataset.split)
+    elif dataset.source == "fashion_mnist":
+        source = FashionMnist(dataset.data_dir or FASHION_MNIST_DIR, dataset.split)
     else:
         raise ValueError(f"unknown dataset.source {dataset.source!r}")
     if len(source) == 0:
@@ -161,12 +214,14 @@ def decode(image: bytes | np.ndarray) -> np.ndarray:
         return np.asarray(pil.convert("RGB"))
 
 
-def random_resized_crop_box(rng: np.random.Generator, height: int, width: int) -> tuple[int, int, int, int]:
+def random_resized_crop_box(
+    rng: np.random.Generator, height: int, width: int, scale: tuple[float, float] = CROP_SCALE
+) -> tuple[int, int, int, int]:
     """(left, top, right, bottom) chosen as torchvision's RandomResizedCrop does (10 tries, then center)."""
     area = height * width
     log_ratio = np.log(CROP_RATIO)
     for _ in range(10):
-        target_area = area * rng.uniform(*CROP_SCALE)
+        target_area = area * rng.uniform(*scale)
         aspect = math.exp(rng.uniform(*log_ratio))
         crop_w = round(math.sqrt(target_area * aspect))
         crop_h = round(math.sqrt(target_area / aspect))
@@ -183,11 +238,20 @@ def random_resized_crop_box(rng: np.random.Generator, height: int, width: int) -
     return left, top, left + crop_w, top + crop_h
 
 
-def pretrain_transform(image: np.ndarray, rng: np.random.Generator, size: int) -> np.ndarray:
+def pretrain_transform(
+    image: np.ndarray, rng: np.random.Generator, size: int, scale: tuple[float, float] = CROP_SCALE
+) -> np.ndarray:
     """RandomResizedCrop(size, scale 0.2-1, ratio 3/4-4/3, bicubic) + horizontal flip, as the paper."""
-    box = random_resized_crop_box(rng, *image.shape[:2])
+    box = random_resized_crop_box(rng, *image.shape[:2], scale)
     crop = np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC, box=box))
     return crop[:, ::-1] if rng.random() < 0.5 else crop
+
+
+def finetune_transform(image: np.ndarray, rng: np.random.Generator, size: int, rand_augment: bool) -> np.ndarray:
+    """The official fine-tuning (timm, with `rand_augment`: rand-m9-mstd0.5-inc1) and linear-probing training
+    transform: RandomResizedCrop(size, scale 0.08-1, bicubic) + flip; random erasing runs on the device."""
+    image = pretrain_transform(image, rng, size, FINETUNE_CROP_SCALE)
+    return augment.rand_augment(np.ascontiguousarray(image), rng) if rand_augment else image
 
 
 def eval_transform(image: np.ndarray, size: int) -> np.ndarray:
@@ -229,22 +293,28 @@ class SkippedImages:
         return False
 
 
-def _pretrain_example(record: dict[str, Any], rng: np.random.Generator, size: int) -> dict[str, Any]:
+def _train_example(record: dict[str, Any], rng: np.random.Generator, transform: Transform) -> dict[str, Any]:
     try:
-        image = pretrain_transform(decode(record["image"]), rng, size)
+        image = transform(decode(record["image"]), rng)
     except (OSError, ValueError, SyntaxError) as error:  # what PIL raises for corrupt or truncated files
         return {"name": record["name"], "error": f"{type(error).__name__}: {error}"}
     return {"image": image, "label": np.int32(record["label"])}
 
 
-def pretrain_dataset(
+def train_dataset(
     source: Sequence,
     config: ml_collections.ConfigDict,
     skipped: SkippedImages,
+    *,
+    transform: Transform | None = None,
     process_index: int | None = None,
     process_count: int | None = None,
 ) -> grain.IterDataset:
-    """This host's infinite stream of {"image": uint8 (B/hosts, S, S, 3), "label": int32 (B/hosts,)} batches."""
+    """This host's infinite stream of {"image": uint8 (B/hosts, S, S, 3), "label": int32 (B/hosts,)} batches.
+
+    `transform(image, rng)` augments a decoded image; by default the pretraining transform at `image_size`.
+    """
+    transform = transform or functools.partial(pretrain_transform, size=config.image_size)
     index = jax.process_index() if process_index is None else process_index
     count = jax.process_count() if process_count is None else process_count
     dataset = (
@@ -252,7 +322,7 @@ def pretrain_dataset(
         .slice(slice(index, None, count))  # disjoint shards that together cover the source
         .shuffle(seed=config.seed)
         .repeat()
-        .random_map(functools.partial(_pretrain_example, size=config.image_size), seed=config.seed)
+        .random_map(functools.partial(_train_example, transform=transform), seed=config.seed)
         .to_iter_dataset(
             grain.ReadOptions(num_threads=config.input.num_threads, prefetch_buffer_size=config.input.prefetch)
         )
@@ -263,9 +333,12 @@ def pretrain_dataset(
 
 
 def device_prefetch(
-    iterator: grain.DatasetIterator, sharding: jax.sharding.Sharding, size: int = 2
-) -> Iterator[tuple[jax.Array, dict]]:
-    """(global image batch, iterator state after it), `size` batches ahead of the step that uses them.
+    iterator: grain.DatasetIterator,
+    sharding: jax.sharding.Sharding,
+    keys: tuple[str, ...] = ("image",),
+    size: int = 2,
+) -> Iterator[tuple[dict[str, jax.Array], dict]]:
+    """({key: global batch array}, iterator state after it), `size` batches ahead of the step that uses them.
 
     The state travels with its batch because the iterator itself is ahead: saving it at step k must
     record the position right after batch k.
@@ -273,8 +346,8 @@ def device_prefetch(
     queue: collections.deque = collections.deque()
     while True:
         batch = next(iterator)
-        images = jax.make_array_from_process_local_data(sharding, batch["image"])
-        queue.append((images, iterator.get_state()))
+        arrays = {key: jax.make_array_from_process_local_data(sharding, batch[key]) for key in keys}
+        queue.append((arrays, iterator.get_state()))
         if len(queue) == size:
             yield queue.popleft()
 
@@ -290,3 +363,55 @@ def fixed_eval_images(source: Sequence, count: int, size: int) -> np.ndarray:
         if len(images) == count:
             break
     return np.stack(images)
+
+
+def _eval_example(index: int, source: Sequence, size: int, total: int) -> dict[str, Any]:
+    padding = {"image": np.zeros((size, size, 3), np.uint8), "label": np.int32(NO_LABEL), "valid": False}
+    if index >= total:  # evens out the hosts' batch counts
+        return padding
+    record = source[index]
+    try:
+        image = eval_transform(decode(record["image"]), size)
+    except (OSError, ValueError, SyntaxError) as error:  # what PIL raises for corrupt or truncated files
+        return padding | {"name": record["name"], "error": f"{type(error).__name__}: {error}"}
+    return {"image": image, "label": np.int32(record["label"]), "valid": True}
+
+
+def _report_unreadable(example: dict[str, Any], skipped: SkippedImages) -> dict[str, Any]:
+    skipped(example)  # runs in the consuming thread: counts and names each unreadable image (already padding)
+    return {key: example[key] for key in ("image", "label", "valid")}
+
+
+def eval_batches(
+    source: Sequence,
+    image_size: int,
+    batch_size: int,
+    *,
+    limit: int | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    num_threads: int = 16,
+    skipped: SkippedImages | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
+    """This host's part of the first `limit` examples, each once, in order, center-cropped (`eval_transform`).
+
+    Batches are {"image": uint8 (b, S, S, 3), "label": int32 (b,), "valid": bool (b,)} with b = batch_size /
+    hosts. Host h reads examples h, h + hosts, ...; rows past the end and unreadable images are padding
+    (valid False), so every host yields the same number of batches, as a jitted multi-host evaluation needs.
+    """
+    index = jax.process_index() if process_index is None else process_index
+    count = jax.process_count() if process_count is None else process_count
+    per_host = batch_size // count
+    if per_host < 1 or batch_size % count:
+        raise ValueError(f"eval batch size {batch_size} is not a positive multiple of the {count} hosts")
+    total = len(source) if limit is None else min(limit, len(source))
+    num_batches = math.ceil(math.ceil(total / count) / per_host)  # host 0's, which has the most examples
+    skipped = SkippedImages() if skipped is None else skipped
+    dataset = (
+        grain.MapDataset.range(index, index + num_batches * per_host * count, count)
+        .map(functools.partial(_eval_example, source=source, size=image_size, total=total))
+        .to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * per_host))
+        .map(functools.partial(_report_unreadable, skipped=skipped))
+        .batch(per_host)
+    )
+    return iter(dataset)

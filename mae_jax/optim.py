@@ -1,4 +1,8 @@
-"""The pretraining optimizer: AdamW with the official decay mask and a per-step warmup + cosine schedule."""
+"""Optimizers of the official recipes, with a per-step warmup + cosine schedule.
+
+Pretraining: AdamW with the official decay mask. Fine-tuning: AdamW with layer-wise lr decay
+(util/lr_decay.py). Linear probing: LARS (util/lars.py).
+"""
 
 from __future__ import annotations
 
@@ -34,3 +38,89 @@ def make_optimizer(config: ml_collections.ConfigDict, lr_schedule: optax.Schedul
     if config.skip_nonfinite_steps > 0:
         tx = optax.apply_if_finite(tx, max_consecutive_errors=config.skip_nonfinite_steps)
     return tx
+
+
+# ---------------------------------------------------------------------------------------------------
+# Downstream: fine-tuning (AdamW with layer-wise lr decay) and linear probing (LARS)
+# ---------------------------------------------------------------------------------------------------
+NO_WEIGHT_DECAY = ("cls_token", "pos_embed")  # the official ViT's `no_weight_decay()`
+LARS_MOMENTUM = 0.9
+LARS_TRUST_COEFFICIENT = 0.001  # util/lars.py's default, which main_linprobe.py keeps
+
+
+def _names(path: tuple) -> tuple[str, ...]:
+    """A jax key path as plain names: dict keys, list indices and attribute names, all as strings."""
+    return tuple(jax.tree_util.keystr((entry,), simple=True) for entry in path)
+
+
+def layer_id(path: tuple[str | int, ...], depth: int) -> int:
+    """util/lr_decay.get_layer_id_for_vit on a parameter path of a classifier with its encoder at "encoder".
+
+    0 for the embeddings (cls token, position table, patch projection), i + 1 for block i and depth + 1 for
+    everything after the blocks (final norm, fc_norm, head).
+    """
+    names = path[1:] if path and path[0] == "encoder" else path
+    if names[0] in ("cls_token", "pos_embed", "patch_embed"):
+        return 0
+    if names[0] == "blocks":
+        return int(names[1]) + 1
+    return depth + 1
+
+
+def layer_scales(params, depth: int, decay: float) -> object:
+    """Per-parameter lr multiplier decay ** (depth + 1 - layer_id): 1 for the head, smallest for the embeddings."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: decay ** (depth + 1 - layer_id(_names(path), depth)), params
+    )
+
+
+def finetune_decay_mask(params) -> object:
+    """The fine-tuning rule (param_groups_lrd), unlike pretraining's: no decay for 1-D params nor the cls token."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, p: p.ndim != 1 and not set(NO_WEIGHT_DECAY) & set(_names(path)), params
+    )
+
+
+def _skip_nonfinite(
+    tx: optax.GradientTransformation, config: ml_collections.ConfigDict
+) -> optax.GradientTransformation:
+    if config.skip_nonfinite_steps > 0:
+        return optax.apply_if_finite(tx, max_consecutive_errors=config.skip_nonfinite_steps)
+    return tx
+
+
+def make_finetune_optimizer(
+    config: ml_collections.ConfigDict, lr_schedule: optax.Schedule, depth: int
+) -> optax.GradientTransformation:
+    """AdamW whose whole update, Adam step and decoupled decay alike, is scaled per layer.
+
+    The official code gives each parameter group lr * lr_scale, which scales both terms of torch's AdamW;
+    scaling the finished update by the same tree is that, with one Adam state for all parameters.
+    """
+    scale_by_layer = optax.stateless(  # updates have the params' paths, hence their layer ids
+        lambda updates, _: jax.tree.map(
+            lambda update, scale: update * scale, updates, layer_scales(updates, depth, config.layer_decay)
+        )
+    )
+    adamw = optax.adamw(
+        lr_schedule, b1=config.b1, b2=config.b2, weight_decay=config.weight_decay, mask=finetune_decay_mask
+    )
+    return _skip_nonfinite(optax.chain(adamw, scale_by_layer), config)
+
+
+def make_linprobe_optimizer(
+    config: ml_collections.ConfigDict, lr_schedule: optax.Schedule
+) -> optax.GradientTransformation:
+    """LARS as the official util/lars.py: mu = 0.9 mu + q (g + wd p); p -= lr mu.
+
+    Decay and the trust ratio q = 0.001 ||p|| / ||g + wd p|| (1 where either norm is 0) apply only to
+    params with more than one dimension. Unlike `optax.lars`, the learning rate multiplies the momentum
+    buffer instead of entering it, so a scheduled lr does not reweight past gradients.
+    """
+    tx = optax.chain(
+        optax.add_decayed_weights(config.weight_decay, mask=decay_mask),
+        optax.masked(optax.scale_by_trust_ratio(trust_coefficient=LARS_TRUST_COEFFICIENT), decay_mask),
+        optax.trace(decay=LARS_MOMENTUM),
+        optax.scale_by_learning_rate(lr_schedule),
+    )
+    return _skip_nonfinite(tx, config)

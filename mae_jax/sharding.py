@@ -68,6 +68,8 @@ def params_shardings(mesh: Mesh, params: Any) -> Any:
 def train_state_shardings(mesh: Mesh, state: Any, tx: optax.GradientTransformation) -> Any:
     """Shardings for a train state with fields step, params, fixed and opt_state (abstract or concrete).
 
+    `fixed` (what the optimizer does not train) follows the parameters' rule: a frozen encoder is sharded too.
+
     Moments are mapped from the parameter shardings through the optimizer's own state structure
     (`jax.jit(tx.init)` alone would leave them replicated); counters are replicated.
     """
@@ -76,6 +78,4 @@ def train_state_shardings(mesh: Mesh, state: Any, tx: optax.GradientTransformati
     opt_state = optax.tree_map_params(
         tx, lambda _, shard: shard, state.opt_state, params, transform_non_params=lambda _: everywhere
     )
-    return state.replace(
-        step=everywhere, params=params, fixed=jax.tree.map(lambda _: everywhere, state.fixed), opt_state=opt_state
-    )
+    return state.replace(step=everywhere, params=params, fixed=params_shardings(mesh, state.fixed), opt_state=opt_state)

@@ -17,6 +17,7 @@ from etils import epath
 from flax import nnx
 
 from mae_jax import checkpointing, configuration, input_pipeline, optim, reconstruction, sharding
+from mae_jax.evaluators.knn import KnnEvaluator
 from mae_jax.models.mae import MAE, MAEConfig
 from mae_jax.models.vit import FixedEmbedding
 
@@ -62,7 +63,7 @@ class NonFiniteGuard:
 class TrainState:
     step: jax.Array
     params: nnx.State  # trained
-    fixed: nnx.State  # position tables: saved with the model, never trained
+    fixed: nnx.State  # saved with the model, not trained: position tables (and BatchNorm, a probed encoder)
     opt_state: optax.OptState
 
 
@@ -158,6 +159,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     tx = optim.make_optimizer(config, lr_schedule)
 
     mesh = sharding.make_mesh(config.mesh)
+    knn = KnnEvaluator(config, mesh) if config.knn.every_steps > 0 else None  # opens the labeled splits
     replicated, batch_sharding = sharding.replicated(mesh), sharding.batch_sharding(mesh)
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
     logging.info("Config:\n%s", config)
@@ -175,7 +177,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, state_sharding
     )
     skipped = input_pipeline.SkippedImages()
-    data_iterator = iter(input_pipeline.pretrain_dataset(source, config, skipped))
+    data_iterator = iter(input_pipeline.train_dataset(source, config, skipped))
     restored = checkpointing.restore_latest(manager, abstract_state)
     if restored is None:
         state = init()
@@ -220,8 +222,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     last_time, last_step = time.perf_counter(), start_step
     try:
         for step in range(start_step + 1, total_steps + 1):
-            images, data_state = next(batches)
-            state, metrics = train_step(state, images)
+            batch, data_state = next(batches)
+            state, metrics = train_step(state, batch["image"])
             unchecked.append(metrics)
             if step == start_step + 1:  # time steps, not the compile
                 jax.block_until_ready(state)
@@ -247,6 +249,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                     }
                 writer.write_scalars(step, summary)
                 window, last_time, last_step = [], now, step
+            if knn and (step % config.knn.every_steps == 0 or step == total_steps):
+                knn_start = time.perf_counter()
+                writer.write_scalars(step, knn.evaluate(nnx.merge(graphdef, state.params, state.fixed).encoder))
+                last_time += time.perf_counter() - knn_start  # step_time_s leaves the evaluation out
             if step % config.image_every_steps == 0 and step != total_steps:  # the last one is written below
                 writer.write_images(step, {"reconstruction": reconstruction_grid()[None]})
             if save_now and manager.latest_step() != step:

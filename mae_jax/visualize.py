@@ -10,24 +10,17 @@ ratios; columns original / masked / reconstruction / reconstruction with the vis
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import sys
 from collections.abc import Sequence
 
 import jax
-import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
-from mae_jax import checkpointing, configuration, convert, input_pipeline, reconstruction
+from mae_jax import input_pipeline, pretrained, reconstruction
 from mae_jax.models.mae import MAE, MAEConfig, num_kept
-from mae_jax.models.vit import Compute
-
-# Official files trained on raw pixels (no norm-pix loss), whose names say so.
-PIXEL_LOSS_PREFIX = "mae_visualize_"
 
 
 class VisualizeError(ValueError):
@@ -40,85 +33,20 @@ class VisualizeError(ValueError):
 def load_model(path: str, norm_pix_loss: bool | None = None) -> MAE:
     """The whole MAE (the decoder is needed) from a parameter directory, a training workdir or an official .pth.
 
-    `norm_pix_loss` applies to `.pth` files only, which cannot say how they were trained; left out, it is
-    False for `mae_visualize_*` files (trained on pixels) and True otherwise. The model computes in float32
-    with XLA attention whatever it was trained with, so a checkpoint from any accelerator runs anywhere.
+    `norm_pix_loss`: see `pretrained.load`.
     """
-    location = epath.Path(path)
-    if location.suffix == ".pth":
-        config, state = _from_pth(location, norm_pix_loss)
-    elif (location / checkpointing.MODEL_CONFIG_FILE).exists():
-        config, state = _from_params_dir(location)
-    elif (location / "checkpoints").is_dir():
-        config, state = _from_workdir(location)
-    else:
+    try:
+        config, state = pretrained.load(path, norm_pix_loss)
+    except pretrained.PretrainedError as error:
+        raise VisualizeError(str(error)) from error
+    if "decoder" not in state:
+        source = "like mae_pretrain_vit_*.pth" if path.endswith(".pth") else "what a run exports to WORKDIR/encoder"
         raise VisualizeError(
-            f"{path} is not a parameter directory (model.json + params/), a training workdir (checkpoints/) "
-            "or an official .pth file"
+            f"{path} holds an encoder only ({source}): reconstructions need the decoder; use a training workdir, "
+            "a whole-MAE parameter directory, mae_visualize_vit_*.pth or *_full.pth"
         )
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: MAE(config, rngs=nnx.Rngs(0))))
     return nnx.merge(graphdef, state)
-
-
-def _portable(config: MAEConfig) -> MAEConfig:
-    return dataclasses.replace(config, compute=Compute())
-
-
-def _from_pth(path: epath.Path, norm_pix_loss: bool | None) -> tuple[MAEConfig, nnx.State]:
-    if not path.is_file():
-        raise VisualizeError(f"{path} does not exist")
-    if norm_pix_loss is None:
-        norm_pix_loss = not path.name.startswith(PIXEL_LOSS_PREFIX)
-    state_dict = convert.load_pth(str(path))
-    if "decoder_embed.weight" not in state_dict:
-        raise VisualizeError(
-            f"{path} holds an encoder only (like mae_pretrain_vit_*.pth): reconstructions need the decoder; "
-            "use mae_visualize_vit_*.pth or *_full.pth"
-        )
-    try:
-        config = _portable(convert.infer_config(state_dict, norm_pix_loss=norm_pix_loss))
-        return config, convert.from_official(state_dict, config, encoder_only_ok=False)
-    except ValueError as error:
-        raise VisualizeError(f"{path}: {error}") from error
-
-
-def _from_params_dir(path: epath.Path) -> tuple[MAEConfig, nnx.State]:
-    config, state = checkpointing.load_params(path)
-    if "decoder" not in state:
-        raise VisualizeError(
-            f"{path} holds an encoder only (what a run exports to WORKDIR/encoder): reconstructions need the "
-            "decoder; pass the training workdir or a whole-MAE parameter directory"
-        )
-    return _portable(config), state
-
-
-def _from_workdir(workdir: epath.Path) -> tuple[MAEConfig, nnx.State]:
-    """Parameters of the newest checkpoint, without the optimizer state, onto this process's first device.
-
-    Read-only: a running job's workdir is left as it is. The target sharding lets a checkpoint written on a
-    pod restore onto one device.
-    """
-    # What read_only implies anyway; given explicitly, orbax does not warn about each.
-    options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
-    with ocp.CheckpointManager(workdir.absolute() / "checkpoints", options=options) as manager:
-        step = manager.latest_step()
-        if step is None:
-            raise VisualizeError(f"{workdir}/checkpoints holds no complete checkpoint yet")
-        saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
-        run_config = configuration.base_config()
-        run_config.update(ml_collections.ConfigDict(saved))  # keys added since the run keep their defaults
-        config = _portable(configuration.model_config(run_config))
-        _, params, fixed = nnx.split(nnx.eval_shape(lambda: MAE(config, rngs=nnx.Rngs(0))), nnx.Param, ...)
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        target = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), {"params": params, "fixed": fixed}
-        )
-        restore = ocp.args.PyTreeRestore(
-            target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True
-        )
-        restored = manager.restore(step, args=ocp.args.Composite(state=restore)).state
-    print(f"Loaded step {step} of {workdir}")
-    return config, nnx.merge_state(restored["params"], restored["fixed"])
 
 
 # ---------------------------------------------------------------------------------------------------

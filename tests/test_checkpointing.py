@@ -154,7 +154,7 @@ def poisoned_source(size: int = 64) -> list[dict]:
 
 def poisoned_steps(config) -> list[int]:
     """The steps whose batch holds the black image."""
-    iterator = iter(input_pipeline.pretrain_dataset(poisoned_source(), config, input_pipeline.SkippedImages()))
+    iterator = iter(input_pipeline.train_dataset(poisoned_source(), config, input_pipeline.SkippedImages()))
     return [step for step in range(1, config.total_steps + 1) if BLACK in next(iterator)["label"]]
 
 

@@ -39,7 +39,7 @@ def test_demo_config_is_valid():
         ("batch_size", 12, "batch_size=12 is not a positive multiple of the 8 devices"),
         ("model.variant", "Q/16", "model.variant='Q/16' is not NAME/PATCH"),
         ("model.decoder_heads", 5, "model.decoder_width=512 must be divisible by 4 and by model.decoder_heads=5"),
-        ("dataset.source", "s3", "dataset.source=.s3. must be .tfds., .folder. or .demo."),
+        ("dataset.source", "s3", "dataset.source=.s3. must be .tfds., .folder., .fashion_mnist. or .demo."),
         ("total_steps", 0, "set num_epochs > 0 or total_steps > 0"),
         ("log_every_steps", 0, "log_every_steps=0 must be >= 1"),
     ],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import logging
 import pathlib
@@ -100,7 +101,7 @@ def test_image_folder_labels_skips_corrupt_files_and_names_them_once(image_folde
     assert len(source) == 19 and source.classes == ["n01", "n02", "n03"]  # notes.txt is not an image
     assert sorted({source[i]["label"] for i in range(len(source))}) == [0, 1, 2]
     skipped = input_pipeline.SkippedImages()
-    iterator = iter(input_pipeline.pretrain_dataset(source, config, skipped))
+    iterator = iter(input_pipeline.train_dataset(source, config, skipped))
     with caplog.at_level(logging.WARNING):
         batches = [next(iterator) for _ in range(17 * 3 // 4)]  # three passes over the 17 readable images
     labels = np.concatenate([b["label"] for b in batches])
@@ -134,8 +135,8 @@ def test_hosts_read_disjoint_shards_that_cover_the_data():
     config = tiny_train_config(batch_size=8)  # 4 per host
     seen = []
     for process_index in range(2):
-        dataset = input_pipeline.pretrain_dataset(
-            Numbered(24), config, input_pipeline.SkippedImages(), process_index, 2
+        dataset = input_pipeline.train_dataset(
+            Numbered(24), config, input_pipeline.SkippedImages(), process_index=process_index, process_count=2
         )
         iterator = iter(dataset)
         seen.append(np.concatenate([next(iterator)["label"] for _ in range(3)]))  # one epoch of 12 records
@@ -145,17 +146,15 @@ def test_hosts_read_disjoint_shards_that_cover_the_data():
 def test_iterator_state_restores_the_following_batches():
     config = tiny_train_config(batch_size=4)
     source = input_pipeline.DemoPhotos()
-    iterator = iter(input_pipeline.pretrain_dataset(source, config, input_pipeline.SkippedImages()))
+    iterator = iter(input_pipeline.train_dataset(source, config, input_pipeline.SkippedImages()))
     [next(iterator) for _ in range(5)]
     state = iterator.get_state()
     following = [next(iterator)["image"] for _ in range(3)]
-    resumed = iter(input_pipeline.pretrain_dataset(source, config, input_pipeline.SkippedImages()))
+    resumed = iter(input_pipeline.train_dataset(source, config, input_pipeline.SkippedImages()))
     resumed.set_state(state)
     for expected in following:
         np.testing.assert_array_equal(next(resumed)["image"], expected)
-    other_seed = iter(
-        input_pipeline.pretrain_dataset(source, tiny_train_config(seed=1), input_pipeline.SkippedImages())
-    )
+    other_seed = iter(input_pipeline.train_dataset(source, tiny_train_config(seed=1), input_pipeline.SkippedImages()))
     assert not np.array_equal(next(other_seed)["image"][:4], following[0])
 
 
@@ -163,27 +162,29 @@ def test_device_prefetch_pairs_each_batch_with_the_state_after_it():
     config = tiny_train_config(batch_size=4)
     source = input_pipeline.DemoPhotos()
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    dataset = input_pipeline.pretrain_dataset(source, config, input_pipeline.SkippedImages())
-    prefetched = input_pipeline.device_prefetch(iter(dataset), sharding)
+    dataset = input_pipeline.train_dataset(source, config, input_pipeline.SkippedImages())
+    prefetched = input_pipeline.device_prefetch(iter(dataset), sharding, keys=("image", "label"))
     _, state_after_first = next(prefetched)
     second, _ = next(prefetched)
     resumed = iter(dataset)
     resumed.set_state(state_after_first)
-    np.testing.assert_array_equal(next(resumed)["image"], np.asarray(second))
+    expected = next(resumed)
+    for key in ("image", "label"):
+        np.testing.assert_array_equal(expected[key], np.asarray(second[key]))
 
 
 def test_worker_processes_give_the_same_batches_and_resume():
     flags.FLAGS.mark_as_parsed()  # grain's worker processes read absl flags
     config = tiny_train_config(batch_size=4)
     source = input_pipeline.DemoPhotos()
-    threads = iter(input_pipeline.pretrain_dataset(source, config, input_pipeline.SkippedImages()))
+    threads = iter(input_pipeline.train_dataset(source, config, input_pipeline.SkippedImages()))
     expected = [next(threads)["image"] for _ in range(4)]
     config.input.num_workers = 2
-    workers = iter(input_pipeline.pretrain_dataset(source, config, input_pipeline.SkippedImages()))
+    workers = iter(input_pipeline.train_dataset(source, config, input_pipeline.SkippedImages()))
     np.testing.assert_array_equal(next(workers)["image"], expected[0])
     np.testing.assert_array_equal(next(workers)["image"], expected[1])
     state = workers.get_state()
-    resumed = iter(input_pipeline.pretrain_dataset(source, config, input_pipeline.SkippedImages()))
+    resumed = iter(input_pipeline.train_dataset(source, config, input_pipeline.SkippedImages()))
     resumed.set_state(state)
     np.testing.assert_array_equal(next(resumed)["image"], expected[2])
 
@@ -192,7 +193,94 @@ def test_tfds_imagenet_through_the_pipeline():
     config = tiny_train_config(**{"dataset.source": "tfds", "dataset.name": "imagenet2012"})
     with tfds.testing.mock_data(num_examples=20):
         source = input_pipeline.make_source(config.dataset)
-        batch = next(iter(input_pipeline.pretrain_dataset(source, config, input_pipeline.SkippedImages())))
+        batch = next(iter(input_pipeline.train_dataset(source, config, input_pipeline.SkippedImages())))
     assert len(source) == 20 and batch["image"].shape == (8, 32, 32, 3) and batch["image"].dtype == np.uint8
     assert batch["label"].shape == (8,) and (batch["label"] >= 0).all()
     assert source[0]["name"].startswith("imagenet2012/train:")
+
+
+def write_idx(path: pathlib.Path, array: np.ndarray) -> None:
+    """A gzipped uint8 IDX file: 0 0 0x08 ndim, big-endian uint32 sizes, the bytes."""
+    header = bytes([0, 0, 0x08, array.ndim]) + np.asarray(array.shape, ">u4").tobytes()
+    path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
+
+
+def write_fashion_mnist(
+    root: pathlib.Path, num_train: int, num_test: int, num_classes: int = 4
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Fashion-MNIST's four files, named as Debian installs them; a class is a random pattern plus noise."""
+    rng = np.random.default_rng(0)
+    patterns = rng.integers(0, 200, (num_classes, 28, 28))
+    written = {}
+    for split, prefix, size in (("train", "train", num_train), ("test", "t10k", num_test)):
+        labels = (np.arange(size) % num_classes).astype(np.uint8)
+        images = (patterns[labels] + rng.integers(0, 50, (size, 28, 28))).astype(np.uint8)
+        write_idx(root / f"{prefix}-images-idx3-ubyte.gz", images)
+        write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", labels)
+        written[split] = images, labels
+    return written
+
+
+def test_fashion_mnist_reads_the_idx_files(tmp_path: pathlib.Path):
+    written = write_fashion_mnist(tmp_path, num_train=5, num_test=3)
+    for split, (images, labels) in written.items():
+        dataset = tiny_train_config(
+            **{"dataset.source": "fashion_mnist", "dataset.data_dir": str(tmp_path), "dataset.split": split}
+        ).dataset
+        source = input_pipeline.make_source(dataset)
+        assert len(source) == len(labels)
+        for i in range(len(source)):
+            record = source[i]
+            assert record["image"].dtype == np.uint8 and record["image"].shape == (28, 28)
+            np.testing.assert_array_equal(record["image"], images[i])
+            assert record["label"] == labels[i] and record["name"] == f"fashion_mnist/{split}:{i}"
+    assert input_pipeline.eval_transform(input_pipeline.decode(source[0]["image"]), 32).shape == (32, 32, 3)
+
+
+def test_fashion_mnist_missing_or_damaged_files_fail_in_one_line(tmp_path: pathlib.Path, monkeypatch):
+    monkeypatch.setattr(input_pipeline, "FASHION_MNIST_DIR", str(tmp_path / "absent"))
+    dataset = tiny_train_config(**{"dataset.source": "fashion_mnist"}).dataset  # data_dir None: Debian's folder
+    with pytest.raises(input_pipeline.DatasetNotFoundError) as error:
+        input_pipeline.make_source(dataset)
+    message = str(error.value)
+    assert "\n" not in message and f"not in {tmp_path / 'absent'}" in message
+    assert "`apt-get install dataset-fashion-mnist`" in message and "dataset.data_dir" in message
+    write_fashion_mnist(tmp_path, num_train=5, num_test=3)
+    (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(b"\0\0\x08\x03 cut short"))
+    dataset.update({"data_dir": str(tmp_path), "split": "test"})
+    with pytest.raises(input_pipeline.DatasetNotFoundError, match=r"cannot read .*t10k-images-idx3-ubyte\.gz"):
+        input_pipeline.make_source(dataset)
+
+
+def test_eval_batches_cover_the_first_examples_once_in_equal_batch_counts():
+    source, seen, batch_counts = Numbered(30), [], []
+    for process_index in range(2):  # hosts of 3 rows each; host 0 reads 10 of the first 19, host 1 9
+        batches = list(
+            input_pipeline.eval_batches(source, 8, 6, limit=19, process_index=process_index, process_count=2)
+        )
+        batch_counts.append(len(batches))
+        for batch in batches:
+            assert batch["image"].shape == (3, 8, 8, 3) and batch["image"].dtype == np.uint8
+            assert batch["label"].dtype == np.int32 and batch["valid"].dtype == bool
+            valid = batch["valid"]
+            np.testing.assert_array_equal(batch["image"][valid][:, 4, 4, 0], batch["label"][valid])  # its own image
+            assert (batch["label"][~valid] == input_pipeline.NO_LABEL).all() and not batch["image"][~valid].any()
+        labels = np.concatenate([batch["label"][batch["valid"]] for batch in batches])
+        np.testing.assert_array_equal(labels, np.arange(process_index, 19, 2))  # strided, in order
+        seen.append(labels)
+    assert batch_counts == [4, 4]  # host 1's last batch is all padding
+    np.testing.assert_array_equal(np.sort(np.concatenate(seen)), np.arange(19))
+    assert sum(len(batch["label"]) for batch in input_pipeline.eval_batches(source, 8, 8)) == 32  # all, padded
+
+
+def test_eval_batches_mark_unreadable_images_invalid_and_name_them_once(caplog):
+    source = [{"image": encode(photo(i)), "label": i, "name": f"{i}.jpg"} for i in range(5)]
+    source[2] = {"image": b"\xff\xd8\xff\xe0 not really a jpeg", "label": 2, "name": "corrupt.jpg"}
+    skipped = input_pipeline.SkippedImages()
+    with caplog.at_level(logging.WARNING):
+        for _ in range(2):  # as the kNN monitor reads its splits at every evaluation
+            (batch,) = input_pipeline.eval_batches(source, 32, 8, process_index=0, process_count=1, skipped=skipped)
+    assert batch["valid"].tolist() == [True, True, False, True, True, False, False, False]
+    assert batch["label"][:5].tolist() == [0, 1, input_pipeline.NO_LABEL, 3, 4]
+    named = [r.getMessage() for r in caplog.records if "Skipping unreadable image" in r.getMessage()]
+    assert skipped.count == 2 and len(named) == 1 and "corrupt.jpg" in named[0]

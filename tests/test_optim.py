@@ -1,19 +1,22 @@
-"""Optimizer: the official decay mask, schedule and AdamW, checked against PyTorch and the official formula."""
+"""Optimizers: decay masks, schedule, AdamW (plain and layer-decayed) and LARS, against PyTorch and official code."""
 
 from __future__ import annotations
 
 import math
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import pytest
 import torch
 from flax import nnx
 
 from mae_jax import optim
 from mae_jax.configuration import base_config
 from mae_jax.models.mae import MAE
+from mae_jax.models.vit import Encoder, EncoderConfig
 
 
 def test_decay_mask_follows_official_rule(tiny_model: MAE):
@@ -76,3 +79,165 @@ def test_adamw_matches_torch_with_official_param_groups(tiny_model: MAE):
         torch_opt.step()
     for ours, theirs in zip(jax.tree.leaves(params), torch_params, strict=True):
         np.testing.assert_allclose(np.asarray(ours), theirs.detach().numpy(), atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Downstream optimizers
+# ---------------------------------------------------------------------------------------------------
+class ToyClassifier(nnx.Module):
+    """The parameter layout of a fine-tuning classifier: encoder, fc_norm (global pool) and head."""
+
+    def __init__(self):
+        rngs = nnx.Rngs(0)
+        self.encoder = Encoder(EncoderConfig.from_variant("mu/8", 32), rngs=rngs)  # depth 2
+        self.fc_norm = nnx.LayerNorm(64, rngs=rngs)
+        self.head = nnx.Linear(64, 10, rngs=rngs)
+
+
+def downstream_config(**overrides) -> ml_collections.ConfigDict:
+    values = dict(b1=0.9, b2=0.999, weight_decay=0.05, layer_decay=0.75, skip_nonfinite_steps=0)
+    return ml_collections.ConfigDict(values | overrides)
+
+
+def official_name(path) -> str:
+    """The torch parameter name of the official ViT: no "encoder." prefix, no trailing ".value"."""
+    name = jax.tree_util.keystr(path, simple=True, separator=".").removesuffix(".value")
+    return name.removeprefix("encoder.")
+
+
+def official_layer_id(name: str, num_layers: int) -> int:
+    """util/lr_decay.get_layer_id_for_vit, on torch-style names."""
+    if name in ("cls_token", "pos_embed") or name.startswith("patch_embed"):
+        return 0
+    if name.startswith("blocks"):
+        return int(name.split(".")[1]) + 1
+    return num_layers
+
+
+def test_layer_id_accepts_string_and_integer_keys():
+    assert optim.layer_id(("encoder", "blocks", 1, "mlp", "fc1", "kernel"), 12) == 2
+    assert optim.layer_id(("encoder", "blocks", "11", "norm1", "scale"), 12) == 12
+    assert optim.layer_id(("encoder", "pos_embed"), 12) == 0
+    assert optim.layer_id(("encoder", "norm", "scale"), 12) == 13
+    assert optim.layer_id(("head", "kernel"), 12) == 13
+
+
+def test_layer_scales_follow_official_rule():
+    params = nnx.state(ToyClassifier(), nnx.Param)
+    decay = 0.5
+    scales = nnx.to_pure_dict(optim.layer_scales(params, depth=2, decay=decay))
+    encoder = scales["encoder"]
+    assert encoder["patch_embed"]["proj"]["kernel"] == encoder["patch_embed"]["proj"]["bias"] == decay**3
+    assert encoder["cls_token"] == decay**3
+    assert encoder["blocks"][0]["attn"]["qkv"]["kernel"] == encoder["blocks"][0]["norm1"]["scale"] == decay**2
+    assert encoder["blocks"][1]["mlp"]["fc2"]["bias"] == decay
+    assert encoder["norm"]["scale"] == scales["fc_norm"]["bias"] == scales["head"]["kernel"] == 1.0
+
+
+def test_finetune_decay_mask_follows_official_rule():
+    mask = nnx.to_pure_dict(optim.finetune_decay_mask(nnx.state(ToyClassifier(), nnx.Param)))
+    assert not mask["encoder"]["cls_token"]  # decayed in pretraining, not here
+    assert mask["encoder"]["patch_embed"]["proj"]["kernel"] and mask["head"]["kernel"]
+    assert mask["encoder"]["blocks"][1]["attn"]["proj"]["kernel"]
+    assert not mask["encoder"]["blocks"][1]["attn"]["proj"]["bias"] and not mask["head"]["bias"]
+    assert not mask["encoder"]["norm"]["scale"] and not mask["fc_norm"]["scale"]
+
+
+def test_finetune_adamw_matches_torch_with_official_layer_decay_groups():
+    config = downstream_config()
+    params = nnx.state(ToyClassifier(), nnx.Param)
+    depth = 2
+    lr_schedule = optax.linear_schedule(1e-3, 2e-4, transition_steps=3)
+    tx = optim.make_finetune_optimizer(config, lr_schedule, depth)
+    opt_state = tx.init(params)
+
+    # util/lr_decay.param_groups_lrd: one group per (layer id, decay or not), each with its lr_scale.
+    paths_and_leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    torch_params = [torch.nn.Parameter(torch.tensor(np.asarray(p))) for _, p in paths_and_leaves]
+    no_decay = {"cls_token", "pos_embed"}
+    groups: dict[tuple[int, bool], dict] = {}
+    for (path, _), p in zip(paths_and_leaves, torch_params, strict=True):
+        name = official_name(path)
+        decayed = not (p.ndim == 1 or name in no_decay)
+        layer = official_layer_id(name, depth + 1)
+        group = groups.setdefault(
+            (layer, decayed),
+            {
+                "params": [],
+                "weight_decay": config.weight_decay if decayed else 0.0,
+                "lr_scale": config.layer_decay ** (depth + 1 - layer),
+            },
+        )
+        group["params"].append(p)
+    assert len(groups) == 2 * (depth + 2)
+    torch_opt = torch.optim.AdamW(list(groups.values()), lr=0.0, betas=(config.b1, config.b2))
+
+    rng = np.random.default_rng(0)
+    for step in range(3):
+        for group in torch_opt.param_groups:  # util/lr_sched.adjust_learning_rate
+            group["lr"] = float(lr_schedule(step)) * group["lr_scale"]
+        grads_np = [rng.normal(size=p.shape).astype(np.float32) for _, p in paths_and_leaves]
+        grads = jax.tree.unflatten(jax.tree.structure(params), grads_np)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        for p, g in zip(torch_params, grads_np, strict=True):
+            p.grad = torch.tensor(g)
+        torch_opt.step()
+    for ours, theirs in zip(jax.tree.leaves(params), torch_params, strict=True):
+        np.testing.assert_allclose(np.asarray(ours), theirs.detach().numpy(), atol=1e-6)
+
+
+def test_lars_matches_hand_computed_official_update():
+    """Two steps of util/lars.py by hand: trust ratio and decay for the matrix only, lr applied after momentum."""
+    weight_decay, eta, momentum = 0.1, 0.001, 0.9
+    lrs = (0.5, 2.0)  # changing lr: the official momentum buffer holds no lr, unlike optax.lars's
+    tx = optim.make_linprobe_optimizer(
+        downstream_config(weight_decay=weight_decay), lambda step: jnp.where(step == 0, lrs[0], lrs[1])
+    )
+    w = np.array([[1.0, -2.0], [0.5, 3.0]], np.float32)
+    b = np.array([0.25, -1.0], np.float32)
+    zero = np.zeros((2, 2), np.float32)  # ||p|| = 0 on the first step: trust ratio 1
+    grads = [
+        {"w": np.array([[0.3, 0.1], [-0.2, 0.4]], np.float32), "b": np.array([1.0, -2.0], np.float32)},
+        {"w": np.array([[-0.1, 0.5], [0.2, 0.0]], np.float32), "b": np.array([0.5, 0.5], np.float32)},
+    ]
+    for grad in grads:
+        grad["zero"] = 2 * grad["w"]
+    params = {"w": jnp.asarray(w), "b": jnp.asarray(b), "zero": jnp.asarray(zero)}
+    opt_state = tx.init(params)
+
+    def matrix_step(p: np.ndarray, g: np.ndarray, mu: np.ndarray, lr: float) -> tuple[np.ndarray, np.ndarray]:
+        d = g + weight_decay * p
+        q = eta * np.linalg.norm(p) / np.linalg.norm(d) if np.linalg.norm(p) > 0 else 1.0
+        mu = momentum * mu + q * d
+        return p - lr * mu, mu
+
+    mu_w, mu_b, mu_zero = np.zeros_like(w), np.zeros_like(b), np.zeros_like(zero)
+    for step, (lr, grad) in enumerate(zip(lrs, grads, strict=True)):
+        updates, opt_state = tx.update(jax.tree.map(jnp.asarray, grad), opt_state, params)
+        params = optax.apply_updates(params, updates)
+        w, mu_w = matrix_step(w, grad["w"], mu_w, lr)
+        zero, mu_zero = matrix_step(zero, grad["zero"], mu_zero, lr)
+        if step == 0:
+            np.testing.assert_allclose(zero, -lr * grad["zero"])  # no trust ratio, and 0 decay, from ||p|| = 0
+        mu_b = momentum * mu_b + grad["b"]  # bias: neither decay nor trust ratio
+        b = b - lr * mu_b
+        for name, expected in (("w", w), ("b", b), ("zero", zero)):
+            np.testing.assert_allclose(np.asarray(params[name]), expected, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(b, [0.25 - 0.5 * 1.0 - 2.0 * (0.9 * 1.0 + 0.5), -1.0 + 0.5 * 2.0 - 2.0 * (-1.8 + 0.5)])
+
+
+@pytest.mark.parametrize("make", ["finetune", "linprobe"])
+def test_downstream_optimizers_skip_nonfinite_steps(make: str):
+    config = downstream_config(skip_nonfinite_steps=3)
+    schedule = optax.constant_schedule(1e-2)
+    tx = (
+        optim.make_finetune_optimizer(config, schedule, 2)
+        if make == "finetune"
+        else optim.make_linprobe_optimizer(config, schedule)
+    )
+    params = {"encoder": {"blocks": {0: {"kernel": jnp.ones((2, 2))}}}, "head": {"bias": jnp.ones(2)}}
+    grads = jax.tree.map(lambda p: jnp.full_like(p, jnp.nan), params)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    for new, old in zip(jax.tree.leaves(optax.apply_updates(params, updates)), jax.tree.leaves(params), strict=True):
+        np.testing.assert_array_equal(new, old)

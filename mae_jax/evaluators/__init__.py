@@ -1,0 +1,1 @@
+"""Evaluations of a pretrained encoder's features while it trains."""

@@ -1,0 +1,137 @@
+"""Weighted k-nearest-neighbour accuracy of frozen encoder features, as DINO's `eval_knn`.
+
+A cheap online signal of representation quality that needs no trained head: each test image's k most
+cosine-similar training images vote for their class with weight exp(similarity / temperature). The
+features are the encoder's cls token after its final norm, on center-cropped images.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from mae_jax import input_pipeline, sharding
+from mae_jax.models.vit import Encoder
+
+
+def _l2_normalize(x: jax.Array) -> jax.Array:
+    x = x.astype(jnp.float32)
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)  # torch's F.normalize
+
+
+@functools.partial(jax.jit, static_argnames=("num_classes", "k", "chunk_size"))
+def knn_votes(
+    train_features: jax.Array,
+    train_labels: jax.Array,
+    test_features: jax.Array,
+    num_classes: int,
+    *,
+    k: int = 20,
+    temperature: float = 0.07,
+    chunk_size: int = 256,
+) -> jax.Array:
+    """(test rows, num_classes) summed neighbour weights; `chunk_size` test rows at a time bound the memory.
+
+    Features need not be normalized (similarity is cosine); k is capped at the number of training rows.
+    """
+    train = _l2_normalize(train_features)
+    k = min(k, train.shape[0])
+
+    def vote(query: jax.Array) -> jax.Array:
+        similarity, neighbours = jax.lax.top_k(jnp.dot(train, query, precision="highest"), k)
+        return jnp.exp(similarity / temperature) @ jax.nn.one_hot(train_labels[neighbours], num_classes)
+
+    return jax.lax.map(vote, _l2_normalize(test_features), batch_size=chunk_size)
+
+
+def knn_classify(
+    train_features: jax.Array,
+    train_labels: jax.Array,
+    test_features: jax.Array,
+    num_classes: int,
+    *,
+    k: int = 20,
+    temperature: float = 0.07,
+) -> jax.Array:
+    """The predicted class of every test row: the class with the largest vote (`knn_votes`)."""
+    return jnp.argmax(
+        knn_votes(train_features, train_labels, test_features, num_classes, k=k, temperature=temperature), axis=-1
+    )
+
+
+def _cls_features(
+    graphdef: nnx.GraphDef, state: nnx.State, images: jax.Array, labels: jax.Array, valid: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    encoder = nnx.merge(graphdef, state)
+    return encoder(input_pipeline.normalize(images))[:, 0].astype(jnp.float32), labels, valid
+
+
+class KnnEvaluator:
+    """kNN top-1 on `config.knn`'s splits of `config.dataset`; every host computes the same number.
+
+    The sources are opened here, so a missing split or unlabeled data fails at start. Each host feeds its
+    rows of a global batch (`input_pipeline.eval_batches`); features come back replicated to every host.
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None):
+        self._knn = config.knn
+        self._image_size, self._num_threads = config.image_size, config.input.num_threads
+        self._train = self._source(config.dataset, config.knn.train_split)
+        self._test = self._source(config.dataset, config.knn.eval_split)
+        mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
+        self._batch_sharding = sharding.batch_sharding(mesh)
+        self._features = jax.jit(_cls_features, static_argnums=0, out_shardings=sharding.replicated(mesh))
+        self._skipped = input_pipeline.SkippedImages()
+
+    @staticmethod
+    def _source(dataset: ml_collections.ConfigDict, split: str) -> Sequence:
+        dataset = copy.deepcopy(dataset)
+        dataset.split = split
+        source = input_pipeline.make_source(dataset)
+        if source[0]["label"] == input_pipeline.NO_LABEL:
+            raise input_pipeline.DatasetNotFoundError(
+                f"knn: {dataset.source}:{dataset.name} split {split!r} has no labels; set knn.every_steps=0"
+            )
+        return source
+
+    def features(self, encoder: Encoder, source: Sequence, limit: int) -> tuple[np.ndarray, np.ndarray]:
+        """(features, labels) of the readable ones among the first `limit` examples, on every host."""
+        graphdef, state = nnx.split(encoder)
+        features, labels = [], []
+        for batch in input_pipeline.eval_batches(
+            source,
+            self._image_size,
+            self._knn.batch_size,
+            limit=limit,
+            num_threads=self._num_threads,
+            skipped=self._skipped,
+        ):
+            arrays = [
+                jax.make_array_from_process_local_data(self._batch_sharding, batch[key])
+                for key in ("image", "label", "valid")
+            ]
+            batch_features, batch_labels, valid = jax.device_get(self._features(graphdef, state, *arrays))
+            features.append(batch_features[valid])
+            labels.append(batch_labels[valid])
+        return np.concatenate(features), np.concatenate(labels)
+
+    def evaluate(self, encoder: Encoder) -> dict[str, float]:
+        """{"knn_top1": accuracy in [0, 1]} of the encoder's current features."""
+        train_features, train_labels = self.features(encoder, self._train, self._knn.num_train)
+        test_features, test_labels = self.features(encoder, self._test, self._knn.num_eval)
+        predictions = knn_classify(
+            train_features,
+            train_labels,
+            test_features,
+            int(train_labels.max()) + 1,
+            k=self._knn.k,
+            temperature=self._knn.temperature,
+        )
+        return {"knn_top1": float(np.mean(np.asarray(predictions) == test_labels))}

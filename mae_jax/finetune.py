@@ -1,0 +1,294 @@
+"""Fine-tuning and linear probing of an MAE encoder: the paper's two evaluation protocols.
+
+    python -m mae_jax.main --config=configs/finetune_vit_base.py --workdir=DIR --config.init=PRETRAIN_WORKDIR/encoder
+    python -m mae_jax.main --config=configs/linprobe_vit_base.py --workdir=DIR --config.init=mae_pretrain_vit_base.pth
+
+The loop has the pretraining loop's behaviour (async checkpoints with the data position, automatic
+resume, preemption, the non-finite guard) and adds top-1/top-5 evaluation on `dataset.eval_split`. At the
+end the classifier is written as `WORKDIR/classifier.pth` in the official (timm) layout.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from clu import metric_writers
+from etils import epath
+from flax import nnx
+
+from mae_jax import augment, checkpointing, configuration, convert, input_pipeline, optim, pretrained, sharding
+from mae_jax.models.classifier import FINETUNE, Classifier, ClassifierConfig
+from mae_jax.models.vit import Compute, EncoderConfig
+from mae_jax.train import NonFiniteGuard, Preempted, TrainState, schedule_steps
+
+CLASSIFIER_FILE = "classifier.pth"
+
+
+def classifier_config(config: ml_collections.ConfigDict) -> ClassifierConfig:
+    m = config.model
+    return ClassifierConfig(
+        EncoderConfig.from_variant(m.variant, config.image_size),
+        config.num_classes,
+        protocol=config.task,
+        global_pool=m.global_pool,
+        drop_path=m.drop_path,
+        compute=Compute(m.dtype, m.attention, m.remat),
+    )
+
+
+def trained_filter(protocol: str) -> nnx.filterlib.Filter:
+    """What the optimizer trains: everything when fine-tuning, the head alone when probing."""
+    return nnx.Param if protocol == FINETUNE else nnx.All(nnx.Param, nnx.PathContains("head"))
+
+
+def pretrained_encoder(path: str, model_config: ClassifierConfig) -> nnx.State:
+    """The encoder parameters stored at `path`, checked against the classifier's encoder.
+
+    Position tables are not taken from the file: they are the fixed sin-cos tables of the classifier's own
+    image size, so fine-tuning at another resolution than pretraining needs no interpolation.
+    """
+    pretrained_config, state = pretrained.load(path)
+    params = nnx.State(state["encoder"]).filter(nnx.Param)
+    expected = nnx.eval_shape(lambda: Classifier(model_config, rngs=nnx.Rngs(0))).encoder
+    expected = nnx.state(expected, nnx.Param)
+    shapes = {path: leaf.shape for path, leaf in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(params))}
+    wanted = {path: leaf.shape for path, leaf in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(expected))}
+    if shapes != wanted:
+        found, wanted_encoder = pretrained_config.encoder, model_config.encoder
+        raise configuration.ConfigError(
+            f"init={path} holds a ViT of width {found.width}, depth {found.depth} and patch {found.patch_size}; "
+            f"model.variant asks for width {wanted_encoder.width}, depth {wanted_encoder.depth} and patch "
+            f"{wanted_encoder.patch_size}"
+        )
+    return params
+
+
+def init_train_state(
+    model_config: ClassifierConfig, tx: optax.GradientTransformation, seed: int, encoder: nnx.State | None
+) -> TrainState:
+    model = Classifier(model_config, rngs=nnx.Rngs(params=seed))
+    if encoder is not None:
+        nnx.update(model.encoder, encoder)
+    _, params, fixed = nnx.split(model, trained_filter(model_config.protocol), ...)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, fixed=fixed, opt_state=tx.init(params))
+
+
+def make_optimizer(
+    config: ml_collections.ConfigDict, model_config: ClassifierConfig, lr_schedule: optax.Schedule
+) -> optax.GradientTransformation:
+    if model_config.protocol == FINETUNE:
+        return optim.make_finetune_optimizer(config, lr_schedule, model_config.encoder.depth)
+    return optim.make_linprobe_optimizer(config, lr_schedule)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Steps
+# ---------------------------------------------------------------------------------------------------
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    lr_schedule: optax.Schedule,
+    config: ml_collections.ConfigDict,
+) -> Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
+    """One step on (uint8 images, int labels); its randomness is a function of (seed, step) alone.
+
+    Random erasing, then mixup/cutmix with label smoothing, on the device; drop path in the blocks. The
+    state's `fixed` part comes back updated: linear probing's BatchNorm keeps running statistics.
+    """
+    step_key = jax.random.key(config.seed + 1)
+    aug = config.augment
+
+    def train_step(state: TrainState, images: jax.Array, labels: jax.Array):
+        erase_key, mix_key, drop_key = jax.random.split(jax.random.fold_in(step_key, state.step), 3)
+        inputs = input_pipeline.normalize(images)
+        if aug.random_erasing > 0:
+            inputs = augment.random_erasing(inputs, erase_key, aug.random_erasing)
+        inputs, targets = augment.mixup_cutmix(
+            inputs,
+            labels,
+            mix_key,
+            config.num_classes,
+            mixup_alpha=aug.mixup,
+            cutmix_alpha=aug.cutmix,
+            switch_prob=aug.mixup_switch_prob,
+            label_smoothing=aug.label_smoothing,
+        )
+
+        def loss_fn(params: nnx.State, fixed: nnx.State) -> tuple[jax.Array, nnx.State]:
+            # copy: new Variables of this trace, which BatchNorm may update (merge would reuse the outer ones)
+            model = nnx.merge(graphdef, params, fixed, copy=True)
+            rngs = nnx.Rngs(dropout=drop_key) if config.model.drop_path > 0 else None
+            logits = model(inputs, train=True, rngs=rngs).astype(jnp.float32)
+            _, _, fixed = nnx.split(model, trained_filter(config.task), ...)
+            return optax.softmax_cross_entropy(logits, targets).mean(), fixed
+
+        (loss, fixed), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, state.fixed)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        new_state = state.replace(
+            step=state.step + 1, params=optax.apply_updates(state.params, updates), fixed=fixed, opt_state=opt_state
+        )
+        return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": lr_schedule(state.step)}
+
+    return train_step
+
+
+def make_eval_step(graphdef: nnx.GraphDef, num_classes: int) -> Callable[..., dict[str, jax.Array]]:
+    """Counts of top-1 and top-5 hits among the valid rows of one batch (padding rows are not counted)."""
+    top = min(5, num_classes)
+
+    def eval_step(params: nnx.State, fixed: nnx.State, images: jax.Array, labels: jax.Array, valid: jax.Array):
+        logits = nnx.merge(graphdef, params, fixed)(input_pipeline.normalize(images))
+        best = jax.lax.top_k(logits, top)[1]
+        return {
+            "top1": jnp.sum((best[:, 0] == labels) & valid),
+            "top5": jnp.sum(jnp.any(best == labels[:, None], axis=1) & valid),
+            "count": jnp.sum(valid),
+        }
+
+    return eval_step
+
+
+def evaluate(eval_step: Callable, state: TrainState, source, config: ml_collections.ConfigDict, mesh) -> dict:
+    """Top-1 and top-5 accuracy (%) over the whole eval split, every host reading its own part."""
+    batch_sharding = sharding.batch_sharding(mesh)
+    totals = {"top1": 0, "top5": 0, "count": 0}
+    for batch in input_pipeline.eval_batches(source, config.image_size, config.eval_batch_size):
+        arrays = [jax.make_array_from_process_local_data(batch_sharding, batch[k]) for k in ("image", "label", "valid")]
+        counts = jax.device_get(eval_step(state.params, state.fixed, *arrays))
+        totals = {k: totals[k] + int(counts[k]) for k in totals}
+    return {k: 100 * totals[k] / max(totals["count"], 1) for k in ("top1", "top5")}
+
+
+# ---------------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------------
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """Fine-tune or linearly probe as `config.task` says; returns the final top-1/top-5 (%)."""
+    # ------------------------------------------------------------------------------------------------
+    # Set-up: everything that can fail on bad input fails here, before compiling.
+    # ------------------------------------------------------------------------------------------------
+    configuration.validate(config)
+    model_config = classifier_config(config)
+    workdir = epath.Path(workdir)
+    checkpointing.check_writable(workdir)
+    manager = checkpointing.make_manager(workdir, config.keep_checkpoints)
+    checkpointing.check_same_model(manager, config.to_dict())
+    encoder = pretrained_encoder(config.init, model_config) if config.init else None
+    source = input_pipeline.make_source(config.dataset)
+    if config.dataset.num_train > 0:
+        source = input_pipeline.first(source, config.dataset.num_train)
+    eval_dataset = config.dataset.copy_and_resolve_references()
+    eval_dataset.split = config.dataset.eval_split
+    eval_source = input_pipeline.make_source(eval_dataset)
+    total_steps, warmup_steps = schedule_steps(config, len(source))
+    lr_schedule = optim.schedule(config, total_steps, warmup_steps)
+    tx = make_optimizer(config, model_config, lr_schedule)
+
+    mesh = sharding.make_mesh(config.mesh)
+    replicated, batch_sharding = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+    logging.info("Config:\n%s", config)
+    logging.info("%s from %s; %d training / %d eval examples; %d steps (%d warmup) of batch %d", config.task,
+                 config.init or "random init", len(source), len(eval_source), total_steps, warmup_steps,
+                 config.batch_size)  # fmt: skip
+
+    # ------------------------------------------------------------------------------------------------
+    # Initialize (from the pretrained encoder), or restore the newest checkpoint in the workdir.
+    # ------------------------------------------------------------------------------------------------
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: Classifier(model_config, rngs=nnx.Rngs(0))))
+    abstract_state = jax.eval_shape(lambda: init_train_state(model_config, tx, config.seed, encoder))
+    state_sharding = sharding.train_state_shardings(mesh, abstract_state, tx)
+    abstract_state = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, state_sharding
+    )
+    skipped = input_pipeline.SkippedImages()
+    transform = functools.partial(
+        input_pipeline.finetune_transform, size=config.image_size, rand_augment=config.augment.rand_augment
+    )
+    data_iterator = iter(input_pipeline.train_dataset(source, config, skipped, transform=transform))
+    restored = checkpointing.restore_latest(manager, abstract_state)
+    if restored is None:
+        init = jax.jit(functools.partial(init_train_state, model_config, tx, config.seed), out_shardings=state_sharding)
+        state = init(encoder)
+    else:
+        state, data_state = restored
+        data_iterator.set_state(data_state)
+        logging.info("Restored step %d from %s", int(state.step), manager.directory)
+    start_step = int(state.step)
+
+    train_step = jax.jit(
+        make_train_step(graphdef, tx, lr_schedule, config),
+        in_shardings=(state_sharding, batch_sharding, batch_sharding),
+        out_shardings=(state_sharding, replicated),
+        donate_argnums=0,
+    )
+    eval_step = jax.jit(make_eval_step(graphdef, config.num_classes), out_shardings=replicated)
+
+    # ------------------------------------------------------------------------------------------------
+    # Train, evaluating every `eval_every_steps`.
+    # ------------------------------------------------------------------------------------------------
+    batches = input_pipeline.device_prefetch(data_iterator, batch_sharding, keys=("image", "label"))
+    guard = NonFiniteGuard(config.skip_nonfinite_steps)
+    preemption = checkpointing.PreemptionWatch()
+    unchecked: list[dict[str, jax.Array]] = []
+    window: list[dict[str, float]] = []
+    last_time, last_step = time.perf_counter(), start_step
+    accuracy: dict[str, float] = {}
+    try:
+        for step in range(start_step + 1, total_steps + 1):
+            batch, data_state = next(batches)
+            state, metrics = train_step(state, batch["image"], batch["label"])
+            unchecked.append(metrics)
+            if step == start_step + 1:
+                jax.block_until_ready(state)
+                last_time, last_step = time.perf_counter(), step
+            preempted = preemption.reached(manager, step)
+            log_now = step % config.log_every_steps == 0 or step == total_steps
+            save_now = step % config.checkpoint_every_steps == 0 or step == total_steps or preempted
+            if log_now or save_now:
+                fetched = jax.device_get(unchecked)
+                guard.check(step - len(fetched) + 1, fetched)
+                window, unchecked = window + fetched, []
+            if log_now:
+                summary = {k: float(np.nanmean([m[k] for m in window])) for k in ("loss", "grad_norm")}
+                summary |= {"lr": float(window[-1]["lr"]), "skipped_images": skipped.count}
+                now = time.perf_counter()
+                if step > last_step:
+                    step_time = (now - last_time) / (step - last_step)
+                    summary |= {"step_time_s": step_time, "images_per_sec": config.batch_size / step_time}
+                writer.write_scalars(step, summary)
+                window, last_time, last_step = [], now, step
+            if step % config.eval_every_steps == 0 or step == total_steps:
+                accuracy = evaluate(eval_step, state, eval_source, config, mesh)
+                writer.write_scalars(step, {f"eval_{k}": v for k, v in accuracy.items()})
+                last_time = time.perf_counter()  # evaluation time is not training time
+            if save_now and manager.latest_step() != step:
+                checkpointing.save(manager, step, state, data_state, config.to_dict())
+            if preempted:
+                manager.wait_until_finished()
+                writer.flush()
+                raise Preempted(f"preempted at step {step}: saved {manager.directory}/{step}; rerun to resume")
+    finally:
+        preemption.close()
+        manager.wait_until_finished()
+
+    # ------------------------------------------------------------------------------------------------
+    # Final: evaluation of a resumed-at-the-end run, and the classifier in the official layout.
+    # ------------------------------------------------------------------------------------------------
+    if not accuracy:
+        accuracy = evaluate(eval_step, state, eval_source, config, mesh)
+        writer.write_scalars(total_steps, {f"eval_{k}": v for k, v in accuracy.items()})
+    if jax.process_index() == 0:
+        model = nnx.merge(graphdef, state.params, state.fixed)
+        convert.save_pth(str(workdir / CLASSIFIER_FILE), convert.classifier_to_official(nnx.state(model)))
+        logging.info("Wrote the classifier to %s; eval top-1 %.2f%%", workdir / CLASSIFIER_FILE, accuracy["top1"])
+    writer.flush()
+    return accuracy

@@ -1,0 +1,81 @@
+"""The ViT classifier of the paper's two evaluation protocols, around an MAE-pretrained `Encoder`.
+
+Fine-tuning (official `models_vit.VisionTransformer(global_pool=True)`): average of the patch tokens,
+`fc_norm` LayerNorm, linear head initialised with std 2e-5; drop path in the blocks.
+Linear probing (official `main_linprobe.py`): cls token after the encoder's final norm, BatchNorm without
+affine (eps 1e-6), linear head initialised with std 0.01; the encoder is frozen by the training loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mae_jax.models.vit import Compute, Encoder, EncoderConfig, layer_norm
+
+FINETUNE, LINPROBE = "finetune", "linprobe"
+# PyTorch's BatchNorm1d momentum 0.1 is flax's 0.9: the running average keeps 90 % of its old value.
+BATCH_NORM_MOMENTUM = 0.9
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassifierConfig:
+    encoder: EncoderConfig
+    num_classes: int
+    protocol: str = FINETUNE  # FINETUNE or LINPROBE
+    global_pool: bool = True  # fine-tuning only: mean of patch tokens + fc_norm instead of the cls token
+    drop_path: float = 0.0  # highest drop-path rate (the last block's); rates rise linearly with depth
+    compute: Compute = dataclasses.field(default_factory=Compute)
+
+    def __post_init__(self):
+        if self.protocol not in (FINETUNE, LINPROBE):
+            raise ValueError(f"protocol {self.protocol!r} must be {FINETUNE!r} or {LINPROBE!r}")
+
+
+def truncated_normal(stddev: float) -> jax.nn.initializers.Initializer:
+    """timm's trunc_normal_(std) with its default absolute bounds of +-2, which at these stds never bind."""
+    return jax.nn.initializers.truncated_normal(stddev, lower=-2.0 / stddev, upper=2.0 / stddev)
+
+
+class Classifier(nnx.Module):
+    def __init__(self, config: ClassifierConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        width = config.encoder.width
+        self.encoder = Encoder(config.encoder, compute=config.compute, drop_path=config.drop_path, rngs=rngs)
+        if config.protocol == FINETUNE:
+            self.fc_norm = layer_norm(width, rngs, config.compute.jnp_dtype) if config.global_pool else None
+            head_std = 2e-5
+        else:
+            self.head_norm = nnx.BatchNorm(
+                width,
+                use_scale=False,
+                use_bias=False,
+                epsilon=1e-6,
+                momentum=BATCH_NORM_MOMENTUM,
+                use_fast_variance=False,
+                rngs=rngs,
+            )
+            head_std = 0.01
+        self.head = nnx.Linear(width, config.num_classes, kernel_init=truncated_normal(head_std), rngs=rngs)
+
+    @property
+    def pools_tokens(self) -> bool:
+        return self.config.protocol == FINETUNE and self.config.global_pool
+
+    def features(self, images: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
+        """(N, width) float32 features that the head reads; `rngs` switches on drop path."""
+        if self.pools_tokens:
+            tokens = self.encoder(images, final_norm=False, rngs=rngs)
+            return self.fc_norm(tokens[:, 1:].mean(axis=1)).astype(jnp.float32)
+        return self.encoder(images, rngs=rngs)[:, 0].astype(jnp.float32)
+
+    def __call__(self, images: jax.Array, *, train: bool = False, rngs: nnx.Rngs | None = None) -> jax.Array:
+        """Logits (N, num_classes). Linear probing: `train` normalizes with batch statistics and updates the
+        running ones; the features never pass gradients to the frozen encoder."""
+        features = self.features(images, rngs)
+        if self.config.protocol == LINPROBE:
+            features = self.head_norm(jax.lax.stop_gradient(features), use_running_average=not train)
+        return self.head(features)

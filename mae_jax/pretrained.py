@@ -1,0 +1,93 @@
+"""Trained MAE weights from wherever they live: a parameter directory, a training workdir or an official .pth.
+
+Visualization needs the decoder; fine-tuning and linear probing need the encoder only. Both read through
+`load`, which returns what the location holds: the whole MAE, or `{"encoder": ...}` alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from etils import epath
+from flax import nnx
+
+from mae_jax import checkpointing, configuration, convert
+from mae_jax.models.mae import MAE, MAEConfig
+from mae_jax.models.vit import Compute
+
+# Official files trained on raw pixels (no norm-pix loss), whose names say so.
+PIXEL_LOSS_PREFIX = "mae_visualize_"
+
+
+class PretrainedError(ValueError):
+    """A location that holds no usable MAE weights; the message is one line saying why."""
+
+
+def load(path: str, norm_pix_loss: bool | None = None) -> tuple[MAEConfig, nnx.State]:
+    """(config, state) of the MAE at `path`; the state has no "decoder" when the location holds none.
+
+    `norm_pix_loss` applies to `.pth` files only, which cannot say how they were trained; left out, it is
+    False for `mae_visualize_*` files (trained on pixels) and True otherwise. The config computes in float32
+    with XLA attention whatever the weights were trained with, so a checkpoint from any accelerator runs
+    anywhere.
+    """
+    location = epath.Path(path)
+    if location.suffix == ".pth":
+        config, state = _from_pth(location, norm_pix_loss)
+    elif (location / checkpointing.MODEL_CONFIG_FILE).exists():
+        config, state = checkpointing.load_params(location)
+    elif (location / "checkpoints").is_dir():
+        config, state = _from_workdir(location)
+    else:
+        raise PretrainedError(
+            f"{path} is not a parameter directory (model.json + params/), a training workdir (checkpoints/) "
+            "or an official .pth file"
+        )
+    return dataclasses.replace(config, compute=Compute()), state
+
+
+def _from_pth(path: epath.Path, norm_pix_loss: bool | None) -> tuple[MAEConfig, nnx.State]:
+    if not path.is_file():
+        raise PretrainedError(f"{path} does not exist")
+    if norm_pix_loss is None:
+        norm_pix_loss = not path.name.startswith(PIXEL_LOSS_PREFIX)
+    state_dict = convert.load_pth(str(path))
+    try:
+        config = convert.infer_config(state_dict, norm_pix_loss=norm_pix_loss)
+        return config, convert.from_official(state_dict, config, fresh_decoder=False)
+    except ValueError as error:
+        raise PretrainedError(f"{path}: {error}") from error
+
+
+def _from_workdir(workdir: epath.Path) -> tuple[MAEConfig, nnx.State]:
+    """Parameters of the newest checkpoint, without the optimizer state, onto this process's first device.
+
+    Read-only: a running job's workdir is left as it is. The target sharding lets a checkpoint written on a
+    pod restore onto one device.
+    """
+    # What read_only implies anyway; given explicitly, orbax does not warn about each.
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
+    with ocp.CheckpointManager(workdir.absolute() / "checkpoints", options=options) as manager:
+        step = manager.latest_step()
+        if step is None:
+            raise PretrainedError(f"{workdir}/checkpoints holds no complete checkpoint yet")
+        saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+        if saved.get("task", "pretrain") != "pretrain":
+            raise PretrainedError(f"{workdir} is a {saved['task']} run, not MAE pretraining")
+        run_config = configuration.base_config()
+        run_config.update(ml_collections.ConfigDict(saved))  # keys added since the run keep their defaults
+        config = configuration.model_config(run_config)
+        _, params, fixed = nnx.split(nnx.eval_shape(lambda: MAE(config, rngs=nnx.Rngs(0))), nnx.Param, ...)
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), {"params": params, "fixed": fixed}
+        )
+        restore = ocp.args.PyTreeRestore(
+            target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True
+        )
+        restored = manager.restore(step, args=ocp.args.Composite(state=restore)).state
+    print(f"Loaded step {step} of {workdir}")
+    return config, nnx.merge_state(restored["params"], restored["fixed"])

@@ -1,0 +1,108 @@
+"""Weighted kNN: hand-computed votes, blobs vs random labels, the evaluator's features, the train loop's summary."""
+
+from __future__ import annotations
+
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+from tensorboard.backend.event_processing import event_accumulator
+from tensorboard.util import tensor_util
+
+from mae_jax import configuration, input_pipeline, train
+from mae_jax.configuration import ConfigError
+from mae_jax.evaluators.knn import KnnEvaluator, knn_classify, knn_votes
+from tests.conftest import tiny_train_config
+from tests.test_input_pipeline import write_fashion_mnist
+
+
+def fashion_config(data_dir: pathlib.Path, **overrides):
+    return tiny_train_config(
+        **{
+            "dataset.source": "fashion_mnist",
+            "dataset.data_dir": str(data_dir),
+            "knn.every_steps": 1,
+            "knn.num_train": 32,
+            "knn.num_eval": 10,
+            "knn.batch_size": 8,
+            **overrides,
+        }
+    )
+
+
+def test_votes_weight_the_k_nearest_by_exp_similarity_over_temperature():
+    train_features = np.array([[3.0, 0.0], [0.8, 0.6], [-1.0, 0.0]])  # cosine to the query 1, 0.8, -1
+    train_labels = np.array([1, 0, 0])
+    query = np.array([[2.0, 0.0]])
+    votes = knn_votes(train_features, train_labels, query, 3, k=2, temperature=0.5)
+    np.testing.assert_allclose(votes, [[np.exp(0.8 / 0.5), np.exp(1 / 0.5), 0]], rtol=1e-6)  # the third is not a k=2
+    votes = knn_votes(train_features, train_labels, query, 3, k=3, temperature=0.5)
+    np.testing.assert_allclose(votes, [[np.exp(1.6) + np.exp(-2), np.exp(2), 0]], rtol=1e-6)
+    assert knn_classify(train_features, train_labels, query, 3, k=3, temperature=0.5).tolist() == [1]  # the closest
+    assert knn_classify(train_features, train_labels, query, 3, k=3, temperature=100.0).tolist() == [0]  # majority
+
+
+def test_separable_blobs_are_classified_and_random_labels_are_chance():
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(10, 32))
+
+    def blobs(n: int) -> tuple[np.ndarray, np.ndarray]:
+        labels = rng.integers(0, 10, n)
+        return centers[labels] + 0.3 * rng.normal(size=(n, 32)), labels
+
+    (train_x, train_y), (test_x, test_y) = blobs(2000), blobs(1000)  # 1000 test rows: 3 chunks of 256 and a rest
+    assert np.mean(np.asarray(knn_classify(train_x, train_y, test_x, 10)) == test_y) >= 0.99
+    random_y = rng.integers(0, 10, 2000)
+    chance = np.mean(np.asarray(knn_classify(train_x, random_y, test_x, 10)) == test_y)
+    assert 0.05 < chance < 0.15
+
+
+def test_evaluator_features_are_the_cls_token_of_each_valid_example(tmp_path: pathlib.Path, tiny_model):
+    written = write_fashion_mnist(tmp_path, num_train=40, num_test=10)
+    evaluator = KnnEvaluator(fashion_config(tmp_path))
+    source = input_pipeline.make_source(fashion_config(tmp_path).dataset)
+    features, labels = evaluator.features(tiny_model.encoder, source, limit=30)  # 4 batches of 8, 2 padding rows
+    np.testing.assert_array_equal(labels, written["train"][1][:30])
+    images = np.stack([input_pipeline.eval_transform(input_pipeline.decode(source[i]["image"]), 32) for i in (0, 29)])
+    expected = tiny_model.encoder(input_pipeline.normalize(images))[:, 0]
+    np.testing.assert_allclose(features[[0, 29]], expected, rtol=1e-4, atol=1e-5)
+    assert evaluator.evaluate(tiny_model.encoder) == {"knn_top1": 1.0}  # each class is its own pattern
+
+
+def test_unlabeled_data_is_refused_at_start():
+    with pytest.raises(input_pipeline.DatasetNotFoundError, match="split 'train' has no labels"):
+        KnnEvaluator(tiny_train_config(**{"knn.every_steps": 1}))  # the demo photographs, validation skipped
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"knn.k": 0}, "knn.k=0 must be >= 1"),
+        ({"knn.temperature": 0.0}, "knn.temperature=0.0 must be > 0"),
+        ({"knn.every_steps": -1}, "knn.every_steps=-1 must be >= 0"),
+        ({"knn.every_steps": 5}, "knn.every_steps > 0 needs labeled data: dataset.source='demo' has no labels"),
+        ({"dataset.source": "mnist"}, "dataset.source='mnist' must be 'tfds', 'folder', 'fashion_mnist' or 'demo'"),
+        (
+            {"dataset.source": "fashion_mnist", "knn.every_steps": 5, "knn.batch_size": 12},
+            "knn.batch_size=12 is not a positive multiple of the 8 devices",
+        ),
+    ],
+)
+def test_bad_knn_config_is_one_line(overrides: dict, message: str, monkeypatch):
+    monkeypatch.setattr(jax, "device_count", lambda: 8)
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")) as error:
+        configuration.validate(tiny_train_config(**overrides))
+    assert "\n" not in str(error.value)
+
+
+def test_pretraining_writes_knn_top1(tmp_path: pathlib.Path):
+    data = tmp_path / "fashion_mnist"
+    data.mkdir()
+    write_fashion_mnist(data, num_train=40, num_test=10)
+    train.train_and_evaluate(fashion_config(data), str(tmp_path / "workdir"))
+    (events,) = (tmp_path / "workdir").glob("events.out.tfevents.*")
+    summaries = event_accumulator.EventAccumulator(str(events))
+    summaries.Reload()
+    knn_top1 = {e.step: float(tensor_util.make_ndarray(e.tensor_proto)) for e in summaries.Tensors("knn_top1")}
+    assert knn_top1 == {1: 1.0, 2: 1.0}  # every step and the last; the classes are separable patterns
