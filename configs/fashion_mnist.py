@@ -42,6 +42,7 @@ def get_config(task: str = "pretrain"):
         config.batch_size = 1024
         config.num_epochs = 30
         config.warmup_epochs = 3
+        config.base_lr = 1.6  # lr 6.4, the official probe's (0.1 x 16384 / 256): LARS steps are 0.001 x lr of |W|
     else:  # few labels: 1000 images, 100 per class on average
         config.dataset.num_train = 1000
         config.batch_size = 128

@@ -267,3 +267,5 @@ def _validate_downstream(config: ml_collections.ConfigDict) -> None:
         )
     if config.dataset.source == "demo":
         raise ConfigError("dataset.source='demo' has no labels: fine-tuning and linear probing need a labeled dataset")
+    if config.grad_accum_steps != 1:
+        raise ConfigError(f"grad_accum_steps={config.grad_accum_steps}: fine-tuning and linear probing take 1 only")

@@ -65,7 +65,7 @@ def test_linprobe_batch_norm_has_no_affine_parameters():
     assert set(nnx.to_pure_dict(nnx.state(model.head_norm, nnx.BatchStat))) == {"mean", "var"}
     assert model.head_norm.epsilon == 1e-6
     assert not hasattr(model, "fc_norm")
-    assert float(jnp.std(model.head.kernel.value)) == pytest.approx(0.01, rel=0.2)  # official head init
+    assert float(jnp.std(model.head.kernel[...])) == pytest.approx(0.01, rel=0.2)  # official head init
 
 
 def test_linprobe_normalizes_cls_features_with_batch_statistics_and_freezes_the_encoder():
@@ -76,14 +76,14 @@ def test_linprobe_normalizes_cls_features_with_batch_statistics_and_freezes_the_
     logits = model(images, train=True)
     np.testing.assert_allclose(logits, model.head(normalized), atol=1e-4)
     # Running statistics moved 10 % of the way to the batch's (PyTorch momentum 0.1).
-    np.testing.assert_allclose(model.head_norm.mean.value, 0.1 * features.mean(0), atol=1e-5)
+    np.testing.assert_allclose(model.head_norm.mean[...], 0.1 * features.mean(0), atol=1e-5)
 
     def loss(model: Classifier) -> jax.Array:
         return model(images, train=True).sum()
 
     grads = nnx.grad(loss)(model)
     assert all(float(jnp.abs(g).max()) == 0 for g in jax.tree.leaves(pure(grads)["encoder"]))
-    assert float(jnp.abs(grads["head"]["kernel"].value).max()) > 0
+    assert float(jnp.abs(grads["head"]["kernel"][...]).max()) > 0
 
 
 def test_global_pool_averages_patch_tokens_before_fc_norm():
@@ -140,7 +140,7 @@ def test_classifier_exports_to_the_official_layout():
     state_dict = convert.classifier_to_official(nnx.state(model))
     assert not any(key.startswith("norm.") for key in state_dict)  # fc_norm replaces norm, as in models_vit
     assert {"fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias", "blocks.1.attn.qkv.weight"} <= set(state_dict)
-    np.testing.assert_array_equal(state_dict["head.weight"], np.asarray(model.head.kernel.value).T)
+    np.testing.assert_array_equal(state_dict["head.weight"], np.asarray(model.head.kernel[...]).T)
     probe = Classifier(ClassifierConfig(ENCODER, 10, protocol=LINPROBE), rngs=nnx.Rngs(0))
     state_dict = convert.classifier_to_official(nnx.state(probe))
     assert {"norm.weight", "head.0.running_mean", "head.0.running_var", "head.1.weight", "head.1.bias"} <= set(
@@ -172,6 +172,8 @@ def test_downstream_config_errors_name_the_key():
     config = tiny_downstream_config("finetune", **{"dataset.source": "demo"})
     with pytest.raises(configuration.ConfigError, match="no labels"):
         configuration.validate(config)
+    with pytest.raises(configuration.ConfigError, match="grad_accum_steps=2"):
+        configuration.validate(tiny_downstream_config("finetune", grad_accum_steps=2))
     with pytest.raises(configuration.ConfigError, match="mask_ratio"):
         config = tiny_downstream_config("linprobe")
         config.mask_ratio = 0.75  # a pretraining key
