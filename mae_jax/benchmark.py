@@ -21,6 +21,7 @@ import os
 import statistics
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -33,18 +34,12 @@ from ml_collections import config_flags
 
 from mae_jax import configuration, optim, sharding, train
 from mae_jax.models.mae import MAE, MAEConfig, num_kept
+from mae_jax.models.vit import LAYER_NORM_EPS
+
+if TYPE_CHECKING:
+    import transformers
 
 FLAGS = flags.FLAGS
-
-
-def define_flags() -> None:
-    """Only when run as a program: `mae_jax.main` defines --config too, and tests import both modules."""
-    config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/vit_base.py.", lock_config=True)
-    flags.DEFINE_integer("rounds", 5, "Timed rounds; each runs every measured step once.")
-    flags.DEFINE_bool("baseline", False, "Also time the mask-tokens-in-encoder baseline (paper, Table 2).")
-    flags.DEFINE_bool("torch", False, "Also time transformers' ViTMAEForPreTraining train step (PyTorch, CPU).")
-    flags.DEFINE_float("peak_tflops", None, "Peak dense TFLOP/s per device for MFU; default: table or measured.")
-    flags.mark_flags_as_required(["config"])
 
 # Dense matmul peak per JAX device, TFLOP/s: (bfloat16, float32 at JAX's default precision). TPU v2/v3
 # devices are single cores; TPUs run float32 matmuls as bfloat16 passes, NVIDIA GPUs as TF32.
@@ -143,7 +138,7 @@ def jax_step(name: str, config: ml_collections.ConfigDict, mesh: jax.sharding.Me
 
     def run() -> None:
         holder[0], metrics = compiled(holder[0], images)
-        jax.block_until_ready(metrics["loss"])
+        jax.block_until_ready((holder[0], metrics))
 
     return Measured(name, run, train_flops(model_config, config.mask_ratio, config.batch_size)), facts
 
@@ -162,23 +157,7 @@ def torch_step(config: ml_collections.ConfigDict) -> Measured:
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     model_config = configuration.model_config(config)
-    enc = model_config.encoder
-    hf_config = transformers.ViTMAEConfig(
-        hidden_size=enc.width,
-        num_hidden_layers=enc.depth,
-        num_attention_heads=enc.num_heads,
-        intermediate_size=enc.mlp_ratio * enc.width,
-        image_size=enc.image_size,
-        patch_size=enc.patch_size,
-        decoder_hidden_size=model_config.decoder_width,
-        decoder_num_hidden_layers=model_config.decoder_depth,
-        decoder_num_attention_heads=model_config.decoder_heads,
-        decoder_intermediate_size=enc.mlp_ratio * model_config.decoder_width,
-        mask_ratio=config.mask_ratio,
-        norm_pix_loss=model_config.norm_pix_loss,
-        layer_norm_eps=1e-6,
-    )
-    model = transformers.ViTMAEForPreTraining(hf_config).train()
+    model = transformers.ViTMAEForPreTraining(transformers_config(model_config, config.mask_ratio)).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(config.b1, config.b2), weight_decay=config.weight_decay)
     pixels = torch.randn(config.batch_size, 3, config.image_size, config.image_size)
 
@@ -188,6 +167,30 @@ def torch_step(config: ml_collections.ConfigDict) -> Measured:
         opt.step()
 
     return Measured("PyTorch ViTMAE", run, train_flops(model_config, config.mask_ratio, config.batch_size))
+
+
+def transformers_config(config: MAEConfig, mask_ratio: float) -> transformers.ViTMAEConfig:
+    """transformers' `ViTMAEConfig` of the same architecture: the `--torch` step and the parity tests use it."""
+    import transformers
+
+    enc = config.encoder
+    return transformers.ViTMAEConfig(
+        hidden_size=enc.width,
+        num_hidden_layers=enc.depth,
+        num_attention_heads=enc.num_heads,
+        intermediate_size=enc.mlp_ratio * enc.width,
+        image_size=enc.image_size,
+        patch_size=enc.patch_size,
+        decoder_hidden_size=config.decoder_width,
+        decoder_num_hidden_layers=config.decoder_depth,
+        decoder_num_attention_heads=config.decoder_heads,
+        decoder_intermediate_size=enc.mlp_ratio * config.decoder_width,
+        mask_ratio=mask_ratio,
+        norm_pix_loss=config.norm_pix_loss,
+        layer_norm_eps=LAYER_NORM_EPS,
+        hidden_act="gelu",  # exact erf GELU
+        qkv_bias=True,
+    )
 
 
 def matmul_peak(dtype: jnp.dtype) -> Measured:
@@ -206,9 +209,7 @@ def matmul_peak(dtype: jnp.dtype) -> Measured:
 # ---------------------------------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------------------------------
-def peak_tflops(device: jax.Device, dtype: str) -> float | None:
-    if FLAGS.peak_tflops:
-        return FLAGS.peak_tflops
+def table_peak_tflops(device: jax.Device, dtype: str) -> float | None:
     for kind, peaks in PEAK_TFLOPS.items():
         if kind.lower() in device.device_kind.lower():
             return peaks[0] if dtype == "bfloat16" else peaks[1]
@@ -222,8 +223,13 @@ def peak_memory(device: jax.Device) -> str:
     return f"not reported on {device.platform}"
 
 
-def benchmark(config: ml_collections.ConfigDict, rounds: int, baseline: bool, with_torch: bool) -> dict:
-    """Time everything asked for, interleaved round by round; returns the figures it prints."""
+def benchmark(
+    config: ml_collections.ConfigDict, rounds: int, baseline: bool, with_torch: bool, peak: float | None = None
+) -> dict:
+    """Time everything asked for, interleaved round by round; returns the figures it prints.
+
+    `peak`: TFLOP/s per device for MFU; None takes it from PEAK_TFLOPS, or on CPU measures a matmul.
+    """
     configuration.validate(config)
     mesh = sharding.make_mesh(config.mesh)
     device = jax.devices()[0]
@@ -246,7 +252,8 @@ def benchmark(config: ml_collections.ConfigDict, rounds: int, baseline: bool, wi
         measured.append(jax_step("mae_jax, mask tokens in encoder", baseline_config, mesh)[0])
     if with_torch:
         measured.append(torch_step(config))
-    peak = peak_tflops(device, config.model.dtype)
+    peak_source = "given" if peak else "table"
+    peak = peak or table_peak_tflops(device, config.model.dtype)
     matmul = None
     if peak is None and device.platform == "cpu":
         matmul = matmul_peak(model_config.compute.jnp_dtype)
@@ -289,14 +296,19 @@ def benchmark(config: ml_collections.ConfigDict, rounds: int, baseline: bool, wi
         peak = statistics.median(matmul.flops / t for t in matmul.times) / 1e12
         print(f"peak: {config.model.dtype} {2048}^3 matmul measured in this run, {peak:.4f} TFLOP/s (median)")
     else:
-        print(f"peak: {peak} TFLOP/s per device" + (" (--peak_tflops)" if FLAGS.peak_tflops else " (table)"))
+        print(f"peak: {peak} TFLOP/s per device ({peak_source})")
     figures["peak_tflops"] = peak
     for m in measured[1:]:
         if m is matmul:
             continue
         ratio = median_ratio(mae, m)
-        what = "MAE speedup over the mask-token baseline" if "mask tokens" in m.name else f"mae_jax vs {m.name}"
-        print(f"{what}: {ratio:.2f}x (median of per-round step-time ratios)")
+        if "mask tokens" in m.name:
+            print(
+                f"MAE speedup over the mask-token baseline: {ratio:.2f}x (median of per-round step-time ratios; "
+                f"model FLOPs ratio {m.flops / mae.flops:.2f}x)"
+            )
+        else:
+            print(f"mae_jax vs {m.name}: {ratio:.2f}x (median of per-round step-time ratios)")
         figures[f"ratio {m.name}"] = ratio
     footprint = facts.get("footprint_bytes")
     print(
@@ -309,7 +321,17 @@ def benchmark(config: ml_collections.ConfigDict, rounds: int, baseline: bool, wi
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    benchmark(FLAGS.config, FLAGS.rounds, FLAGS.baseline, FLAGS.torch)
+    benchmark(FLAGS.config, FLAGS.rounds, FLAGS.baseline, FLAGS.torch, FLAGS.peak_tflops)
+
+
+def define_flags() -> None:
+    """Only when run as a program: `mae_jax.main` defines `--config` too, and both may be imported."""
+    config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/vit_base.py.", lock_config=True)
+    flags.DEFINE_integer("rounds", 5, "Timed rounds; each runs every measured step once.")
+    flags.DEFINE_bool("baseline", False, "Also time the mask-tokens-in-encoder baseline (paper, Table 2).")
+    flags.DEFINE_bool("torch", False, "Also time transformers' ViTMAEForPreTraining train step (PyTorch, CPU).")
+    flags.DEFINE_float("peak_tflops", None, "Peak dense TFLOP/s per device for MFU; default: table, or measured.")
+    flags.mark_flags_as_required(["config"])
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import pytest
 import torch
 from flax import nnx
 
-from mae_jax import convert
+from mae_jax import benchmark, convert
 from mae_jax.models.mae import MAE, MAEConfig
 
 transformers = pytest.importorskip("transformers")
@@ -66,27 +66,6 @@ def official_to_hf(state_dict: dict[str, np.ndarray]) -> dict[str, torch.Tensor]
     return out
 
 
-def hf_config(config: MAEConfig) -> transformers.ViTMAEConfig:
-    enc = config.encoder
-    return transformers.ViTMAEConfig(
-        hidden_size=enc.width,
-        num_hidden_layers=enc.depth,
-        num_attention_heads=enc.num_heads,
-        intermediate_size=enc.mlp_ratio * enc.width,
-        image_size=enc.image_size,
-        patch_size=enc.patch_size,
-        decoder_hidden_size=config.decoder_width,
-        decoder_num_hidden_layers=config.decoder_depth,
-        decoder_num_attention_heads=config.decoder_heads,
-        decoder_intermediate_size=enc.mlp_ratio * config.decoder_width,
-        mask_ratio=0.75,
-        norm_pix_loss=config.norm_pix_loss,
-        layer_norm_eps=1e-6,
-        hidden_act="gelu",
-        qkv_bias=True,
-    )
-
-
 def perturbed_state(config: MAEConfig, seed: int) -> nnx.State:
     """A random-init model with every norm scale and bias, every linear bias and both tokens moved off init."""
     rng = np.random.default_rng(seed)
@@ -113,7 +92,7 @@ def prepared(size: str):
     config, batch = SIZES[size]
     state = perturbed_state(config, seed=7)
     torch.manual_seed(0)
-    hf = transformers.ViTMAEForPreTraining(hf_config(config)).eval()
+    hf = transformers.ViTMAEForPreTraining(benchmark.transformers_config(config, mask_ratio=0.75)).eval()
     # transformers' own fixed sin-cos tables, as its init builds them (5.x skips re-initialising otherwise).
     embeddings = hf.vit.embeddings
     embeddings.patch_embeddings.projection._is_hf_initialized = False

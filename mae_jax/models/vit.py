@@ -9,6 +9,7 @@ parameters, which stay float32.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -124,9 +125,55 @@ def linear(in_features: int, out_features: int, rngs: nnx.Rngs, dtype: jnp.dtype
     return Linear(in_features, out_features, kernel_init=xavier_uniform, dtype=dtype, rngs=rngs)
 
 
-def layer_norm(width: int, rngs: nnx.Rngs, dtype: jnp.dtype = jnp.float32) -> nnx.LayerNorm:
-    # Two-pass variance, as torch.nn.LayerNorm computes it; flax keeps the statistics in float32.
-    return nnx.LayerNorm(width, epsilon=LAYER_NORM_EPS, use_fast_variance=False, dtype=dtype, rngs=rngs)
+def layer_norm(width: int, rngs: nnx.Rngs, dtype: jnp.dtype = jnp.float32) -> LayerNorm:
+    # Two-pass variance, as torch.nn.LayerNorm computes it; the statistics stay in float32.
+    return LayerNorm(width, epsilon=LAYER_NORM_EPS, use_fast_variance=False, dtype=dtype, rngs=rngs)
+
+
+class LayerNorm(nnx.LayerNorm):
+    """nnx.LayerNorm (same parameters, bit-identical forward) with the hand-written backward of
+    `layer_norm_function`."""
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x, scale, bias = self.promote_dtype((x, self.scale[...], self.bias[...]), dtype=self.dtype)
+        return layer_norm_function(x, scale, bias, self.epsilon)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def layer_norm_function(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float) -> jax.Array:
+    """LayerNorm over the last axis, statistics in float32, as flax's `LayerNorm(use_fast_variance=False)`.
+
+    Autodiff's backward ends each norm with the add of a broadcast row term, which XLA:CPU duplicates into
+    every consumer of the residual-stream gradient: each block's gradient fusions recomputed the gradient
+    of every block above it (~1 s of a 5 s ViT-B/16 step). Here the input gradient is one expression of
+    full-size arrays, so XLA computes the residual-stream gradient once per block.
+    """
+    return _layer_norm_forward(x, scale, bias, epsilon)[0]
+
+
+def _layer_norm_forward(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float) -> tuple[jax.Array, tuple]:
+    centered = x.astype(jnp.float32) - jnp.mean(x.astype(jnp.float32), axis=-1, keepdims=True)
+    inv_std = jax.lax.rsqrt(jnp.mean(jax.lax.square(centered), axis=-1, keepdims=True) + epsilon)
+    y = centered * (inv_std * scale) + bias  # flax's order of operations
+    return y.astype(x.dtype), (centered, inv_std, scale)
+
+
+def _layer_norm_backward(epsilon: float, residuals: tuple, d_y: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    del epsilon  # in inv_std already
+    centered, inv_std, scale = residuals  # x, scale and bias share one dtype (nnx's promote_dtype)
+    d_y = d_y.astype(jnp.float32)
+    normed = centered * inv_std
+    d_normed = d_y * scale
+    d_x = inv_std * (
+        d_normed
+        - jnp.mean(d_normed, axis=-1, keepdims=True)
+        - normed * jnp.mean(d_normed * normed, axis=-1, keepdims=True)
+    )
+    rows = tuple(range(d_y.ndim - 1))
+    return tuple(g.astype(scale.dtype) for g in (d_x, jnp.sum(d_y * normed, rows), jnp.sum(d_y, rows)))
+
+
+layer_norm_function.defvjp(_layer_norm_forward, _layer_norm_backward)
 
 
 def run_blocks(blocks: nnx.List, x: jax.Array, remat: bool, rngs: nnx.Rngs | None = None) -> jax.Array:
@@ -166,6 +213,13 @@ class PatchEmbed(nnx.Module):
 
 
 class Attention(nnx.Module):
+    """Multi-head self-attention with a fused qkv linear.
+
+    The linears here and in `Mlp` see the batch's tokens as rows of one (N*L, width) matrix: their weight
+    gradients then contract the output gradient's rows in place, where on (N, L, width) arrays XLA:CPU
+    copied a transposed output gradient for every weight gradient.
+    """
+
     def __init__(self, width: int, num_heads: int, *, compute: Compute, rngs: nnx.Rngs):
         if width % num_heads:
             raise ValueError(f"width {width} is not divisible by num_heads {num_heads}")
@@ -176,14 +230,14 @@ class Attention(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         n, length, width = x.shape
-        qkv = self.qkv(x).reshape(n, length, 3, self.num_heads, width // self.num_heads)
+        qkv = self.qkv(x.reshape(n * length, width)).reshape(n, length, 3, self.num_heads, width // self.num_heads)
         if self.implementation == "cudnn":
             q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
             out = jax.nn.dot_product_attention(q, k, v, implementation="cudnn")  # scale head_dim ** -0.5
         else:
             q, k, v = qkv.transpose(2, 0, 3, 1, 4)  # each (N, heads, L, head_dim)
             out = softmax_attention(q, k, v).transpose(0, 2, 1, 3)
-        return self.proj(split_batch(out.reshape(n, length, width)))
+        return self.proj(split_batch(out.reshape(n * length, width))).reshape(n, length, width)
 
 
 @jax.custom_vjp
@@ -192,25 +246,28 @@ def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
 
     The hand-written backward keeps the probabilities from the forward and takes the softmax's row term
     from the small output (sum(dO * O) instead of sum(dP * P) over tokens x tokens): ~10% faster decoder
-    blocks on CPU than XLA's own differentiation of `jax.nn.dot_product_attention`.
+    blocks on CPU than XLA's own differentiation of `jax.nn.dot_product_attention`. The scale multiplies q
+    (as timm's attention does), not the tokens x tokens logits: XLA:CPU hands a scalar times the logits
+    to YNNPACK as a materialized tokens x tokens operand, which made the decoder's attention ~30% slower.
     """
     return _attention_forward(q, k, v)[0]
 
 
 def _attention_forward(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, tuple]:
-    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
+    q = q * q.shape[-1] ** -0.5
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = jnp.einsum("bhqk,bhkd->bhqd", probs, v)
     return out, (q, k, v, probs, out)
 
 
 def _attention_backward(residuals: tuple, d_out: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    q, k, v, probs, out = residuals
+    scaled_q, k, v, probs, out = residuals
     d_probs = jnp.einsum("bhqd,bhkd->bhqk", d_out, v, preferred_element_type=jnp.float32)
     rows = jnp.sum(d_out.astype(jnp.float32) * out, axis=-1, keepdims=True)
-    d_logits = (probs * (d_probs - rows) * q.shape[-1] ** -0.5).astype(q.dtype)
-    d_q = jnp.einsum("bhqk,bhkd->bhqd", d_logits, k)
-    d_k = jnp.einsum("bhqk,bhqd->bhkd", d_logits, q)
+    d_logits = (probs * (d_probs - rows)).astype(k.dtype)
+    d_q = jnp.einsum("bhqk,bhkd->bhqd", d_logits, k * k.shape[-1] ** -0.5)
+    d_k = jnp.einsum("bhqk,bhqd->bhkd", d_logits, scaled_q)
     d_v = jnp.einsum("bhqk,bhqd->bhkd", probs, d_out)
     return d_q, d_k, d_v
 
@@ -233,7 +290,8 @@ class Mlp(nnx.Module):
         self.fc2 = linear(hidden, width, rngs, dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.fc2(split_batch(gelu(self.fc1(x))))
+        tokens = x.reshape(-1, x.shape[-1])  # see `Attention`: linears on (tokens, width)
+        return self.fc2(split_batch(gelu(self.fc1(tokens)))).reshape(x.shape)
 
 
 class Block(nnx.Module):
