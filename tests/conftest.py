@@ -34,6 +34,11 @@ def tiny_train_config(**overrides):
     config.warmup_steps = 1
     config.num_images = 2
     config.input.num_threads = 2
+    return with_overrides(config, overrides)
+
+
+def with_overrides(config, overrides: dict):
+    """`config` with dotted keys set, e.g. {"dataset.source": "tfds"}."""
     for key, value in overrides.items():
         target = config
         *parents, leaf = key.split(".")

@@ -17,7 +17,7 @@ from mae_jax import checkpointing, configuration, convert, finetune
 from mae_jax.models.classifier import FINETUNE, LINPROBE, Classifier, ClassifierConfig
 from mae_jax.models.mae import MAE
 from mae_jax.models.vit import Encoder, EncoderConfig
-from tests.conftest import TINY
+from tests.conftest import TINY, with_overrides
 
 ENCODER = TINY.encoder  # mu/8 at 32 px, as the tiny MAE of conftest
 
@@ -33,13 +33,7 @@ def tiny_downstream_config(task: str, **overrides):
     config.total_steps = 2
     config.warmup_steps = 1
     config.input.num_threads = 2
-    for key, value in overrides.items():
-        target = config
-        *parents, leaf = key.split(".")
-        for parent in parents:
-            target = target[parent]
-        target[leaf] = value
-    return config
+    return with_overrides(config, overrides)
 
 
 @pytest.fixture(scope="module")
