@@ -65,3 +65,27 @@ def test_benchmark_prints_its_figures():
     assert re.search(rf"mae_jax vs PyTorch ViTMAE: {number}x", out), out
     assert re.search(rf"peak: float32 2048\^3 matmul measured in this run, {number} TFLOP/s", out), out
     assert re.search(rf"per step: model {number} GFLOP .*XLA cost analysis {number} GFLOP", out), out
+    assert "glibc malloc: one arena, no mmap, no trimming" in out, out
+
+
+RSS_AFTER_FREE = """
+import numpy as np
+from mae_jax import benchmark
+if {retain}:
+    assert benchmark.retain_freed_memory()
+def rss_mib():
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) // 1024
+block = np.ones(64 * 2**20 // 8)  # 64 MiB: above glibc's mmap threshold
+del block
+print(rss_mib())
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads glibc behaviour and /proc")
+def test_retain_freed_memory_keeps_a_freed_buffer_in_the_process():
+    def rss_after_free(retain: bool) -> int:
+        code = RSS_AFTER_FREE.format(retain=retain)
+        result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+        return int(result.stdout)
+
+    assert rss_after_free(retain=True) - rss_after_free(retain=False) >= 56
