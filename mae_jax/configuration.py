@@ -42,6 +42,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.input.num_threads = 16  # decoding/augmenting threads per host (per worker process with num_workers)
     config.input.num_workers = 0  # > 0: that many grain worker processes per host
     config.input.prefetch = 64  # examples read ahead per host
+    # Pretraining: the crop's bicubic resize runs on the accelerator (as costly as the JPEG decode on a host)
+    config.input.resize_on_device = True
 
     config.image_size = 224
     config.mask_ratio = 0.75

@@ -3,7 +3,10 @@
 `python -m mae_jax.input_benchmark [--workers 1,2] [--images 256] [--size 224] [--seconds 10] [--rounds 3]`
 
 Decoding is the floor every JPEG pipeline pays, so "transform img/s as a fraction of decode img/s" says how
-much our crop/resize/flip adds on top, independent of how fast this particular machine is. Absolute rates
+much our crop/resize/flip adds on top, independent of how fast this particular machine is. Two transforms
+are timed: what a host runs in training (`input.resize_on_device`, the default: crop and flip, the resize
+left to the accelerator) and the whole transform on the host; the accelerator's share is timed after, on
+JAX's default backend, per image. Absolute rates
 from different runs are not comparable here (CPU timings vary by +-25%), so both loops run in one process
 tree, interleaved (decode, full, decode, full, ...) for a few rounds, and the medians are reported.
 
@@ -29,11 +32,12 @@ import time
 from collections.abc import Callable, Sequence
 
 import grain
+import jax
 import numpy as np
 from absl import flags
 from PIL import Image, ImageDraw
 
-from mae_jax.input_pipeline import decode, pretrain_transform
+from mae_jax.input_pipeline import crop_to_canvas, decode, pretrain_transform, resize_crops
 
 # ImageNet's typical shapes: most training images are 500 px on the long side, 4:3 or 3:2.
 SHAPES = ((500, 375), (375, 500), (500, 333))  # (width, height)
@@ -76,8 +80,15 @@ def decode_only(jpeg_bytes: bytes) -> np.ndarray:
     return decode(jpeg_bytes)
 
 
-def full(jpeg_bytes: bytes, rng: np.random.Generator, size: int) -> np.ndarray:
+def host_part(jpeg_bytes: bytes, rng: np.random.Generator, size: int) -> np.ndarray:
+    return crop_to_canvas(decode(jpeg_bytes), rng, size, 2 * size)["image"]
+
+
+def all_on_host(jpeg_bytes: bytes, rng: np.random.Generator, size: int) -> np.ndarray:
     return pretrain_transform(decode(jpeg_bytes), rng, size)
+
+
+KINDS = {"decode": None, "host": host_part, "all on host": all_on_host}
 
 
 def _token(image: np.ndarray) -> int:
@@ -85,12 +96,12 @@ def _token(image: np.ndarray) -> int:
 
 
 def measure(kind: str, jpegs: Sequence[bytes], workers: int, size: int, seconds: float) -> float:
-    """Images/s of `kind` ("decode" or "full") in `workers` fresh grain processes, after a warm-up."""
+    """Images/s of `kind` (a key of KINDS) in `workers` fresh grain processes, after a warm-up."""
     dataset = grain.MapDataset.source(jpegs).repeat()
     if kind == "decode":
         dataset = dataset.map(decode_only)
     else:
-        dataset = dataset.random_map(functools.partial(full, size=size), seed=0)
+        dataset = dataset.random_map(functools.partial(KINDS[kind], size=size), seed=0)
     iterator = iter(
         dataset.map(_token)
         .to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=BATCH))
@@ -112,13 +123,29 @@ def benchmark(
     jpegs: Sequence[bytes], workers: Sequence[int], size: int, seconds: float, rounds: int, *, log: Callable = print
 ) -> dict[int, dict[str, float]]:
     """Median images/s per worker count and kind, over `rounds` interleaved measurements."""
-    rates: dict[int, dict[str, list[float]]] = {k: {"decode": [], "full": []} for k in workers}
+    rates: dict[int, dict[str, list[float]]] = {k: {kind: [] for kind in KINDS} for k in workers}
     for round_ in range(rounds):
         for k in workers:
-            for kind in ("decode", "full"):
+            for kind in KINDS:
                 rates[k][kind].append(measure(kind, jpegs, k, size, seconds))
                 log(f"  round {round_ + 1}/{rounds}, {k} workers, {kind}: {rates[k][kind][-1]:.0f} img/s")
     return {k: {kind: statistics.median(values) for kind, values in by_kind.items()} for k, by_kind in rates.items()}
+
+
+def device_resize_seconds(jpegs: Sequence[bytes], size: int, rounds: int = 5) -> float:
+    """Median seconds per image of the accelerator's share (`resize_crops`) on a batch of these JPEGs' crops."""
+    rng = np.random.default_rng(0)
+    fields = [crop_to_canvas(decode(jpeg), rng, size, 2 * size) for jpeg in jpegs[:BATCH]]
+    canvases = jax.device_put(np.stack([f["image"] for f in fields]))
+    crops = jax.device_put(np.stack([f["crop"] for f in fields]))
+    resize = jax.jit(resize_crops, static_argnums=2)
+    resize(canvases, crops, size).block_until_ready()  # compile
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        resize(canvases, crops, size).block_until_ready()
+        times.append((time.perf_counter() - start) / len(fields))
+    return statistics.median(times)
 
 
 def main() -> None:
@@ -137,15 +164,19 @@ def main() -> None:
           f" mean {np.mean([len(j) for j in jpegs]) / 1024:.0f} KB; {os.cpu_count()} CPU cores")  # fmt: skip
     results = benchmark(jpegs, args.workers, args.size, args.seconds, args.rounds)
 
-    print(f"\nimage size {args.size}")
-    print("workers | decode-only img/s | per core | transform img/s | per core | transform/decode")
+    device_seconds = device_resize_seconds(jpegs, args.size)
+
+    print(f"\nimage size {args.size}; images/s per core, and as a share of the bare decode rate")
+    print("workers | decode only | host part of the transform | all on host")
     for k, rate in results.items():
-        cores = min(k, os.cpu_count() or 1)
-        print(f"{k:7d} | {rate['decode']:17.0f} | {rate['decode'] / cores:8.0f} | {rate['full']:15.0f}"
-              f" | {rate['full'] / cores:8.0f} | {rate['full'] / rate['decode']:16.0%}")  # fmt: skip
+        per_core = {kind: value / min(k, os.cpu_count() or 1) for kind, value in rate.items()}
+        host, whole = rate["host"] / rate["decode"], rate["all on host"] / rate["decode"]
+        print(f"{k:7d} | {per_core['decode']:11.0f} | {per_core['host']:19.0f} {host:6.0%} |"
+              f" {per_core['all on host']:4.0f} {whole:6.0%}")  # fmt: skip
     k = max(results)
-    print(f"pretraining transform at {results[k]['full'] / results[k]['decode']:.0%} of the bare decode rate per core"
-          f" ({k} workers)")  # fmt: skip
+    print(f"pretraining transform at {results[k]['host'] / results[k]['decode']:.0%} of the bare decode rate per core"
+          f" ({k} workers; the resize on the accelerator: {device_seconds * 1e3:.2f} ms per image on"
+          f" {jax.devices()[0].device_kind})")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ Fashion-MNIST's IDX files (a small labeled set for the kNN monitor), or the phot
 ships (the demo). grain reads them with threads (and optionally worker processes); element `i` of the
 shuffled stream and its augmentation depend only on the seed and `i`, and the iterator's state is saved
 with each checkpoint, so a resumed run reads the batches an uninterrupted one would. Images leave the
-host as uint8; mean/std normalization runs on the accelerator.
+host as uint8; mean/std normalization runs on the accelerator, and so, with `input.resize_on_device`, does
+the pretraining crop's bicubic resize, which on the host cost as much as decoding the JPEG.
 """
 
 from __future__ import annotations
@@ -40,7 +41,10 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 NO_LABEL = -1
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # where Debian's dataset-fashion-mnist package puts it
 FASHION_MNIST_SPLITS = {"train": "train", "test": "t10k"}  # split -> file name prefix
-Transform = Callable[[np.ndarray, np.random.Generator], np.ndarray]  # decoded uint8 image -> augmented one
+# decoded uint8 image -> augmented one, or the fields of a training example ({"image": ..., "crop": ...})
+Transform = Callable[[np.ndarray, np.random.Generator], np.ndarray | dict[str, np.ndarray]]
+BICUBIC_A = -0.5  # the cubic convolution kernel's parameter in Pillow (and torchvision's PIL path)
+PILLOW_ONE = 1 << 22  # Pillow's fixed-point resampling weights for 8-bit images: 22 fractional bits
 
 # scikit-image sample photographs that ship inside the package (no download), used by the demo.
 DEMO_PHOTOS = (
@@ -241,10 +245,81 @@ def random_resized_crop_box(
 def pretrain_transform(
     image: np.ndarray, rng: np.random.Generator, size: int, scale: tuple[float, float] = CROP_SCALE
 ) -> np.ndarray:
-    """RandomResizedCrop(size, scale 0.2-1, ratio 3/4-4/3, bicubic) + horizontal flip, as the paper."""
-    box = random_resized_crop_box(rng, *image.shape[:2], scale)
-    crop = np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC, box=box))
+    """RandomResizedCrop(size, scale 0.2-1, ratio 3/4-4/3, bicubic) + horizontal flip, as the paper.
+
+    Crop, then resize, as torchvision does: pixels beyond the crop stay out of the filter's reach.
+    """
+    left, top, right, bottom = random_resized_crop_box(rng, *image.shape[:2], scale)
+    crop = np.asarray(Image.fromarray(image[top:bottom, left:right]).resize((size, size), Image.BICUBIC))
     return crop[:, ::-1] if rng.random() < 0.5 else crop
+
+
+def crop_to_canvas(
+    image: np.ndarray, rng: np.random.Generator, size: int, canvas: int, scale: tuple[float, float] = CROP_SCALE
+) -> dict[str, np.ndarray]:
+    """The host's half of the pretraining transform when the resize runs on the device (`resize_crops`).
+
+    Draws the same crop and flip as `pretrain_transform` and ships the crop unresized, top-left on a
+    `canvas` x `canvas` zero image, with its (height, width, flip). A crop larger than the canvas is resized
+    here, as `pretrain_transform` would, and travels as a `size` x `size` crop, which the device's resize
+    passes through unchanged; so every pixel comes from a single bicubic resampling either way.
+    """
+    box = random_resized_crop_box(rng, *image.shape[:2], scale)
+    flip = rng.random() < 0.5
+    left, top, right, bottom = box
+    crop = image[top:bottom, left:right]
+    if crop.shape[0] > canvas or crop.shape[1] > canvas:
+        crop = np.asarray(Image.fromarray(crop).resize((size, size), Image.BICUBIC))
+    out = np.zeros((canvas, canvas, 3), np.uint8)
+    out[: crop.shape[0], : crop.shape[1]] = crop
+    return {"image": out, "crop": np.array([crop.shape[0], crop.shape[1], flip], np.int32)}
+
+
+def _bicubic_weights(in_size: jax.Array, out_size: int, canvas: int) -> jax.Array:
+    """(out_size, canvas) weights of Pillow's antialiased bicubic resize of in_size pixels to out_size.
+
+    Pillow's rule: output pixel o is centred at input coordinate (o + 0.5) * scale; when shrinking, the
+    kernel is stretched by the scale (the antialiasing); weights are normalized over the pixels that exist,
+    then rounded to Pillow's fixed point.
+    """
+    scale = in_size / out_size
+    stretch = jnp.maximum(scale, 1.0)
+    pixel = jnp.arange(canvas)
+    x = jnp.abs(pixel + 0.5 - (jnp.arange(out_size)[:, None] + 0.5) * scale) / stretch
+    near = ((BICUBIC_A + 2) * x - (BICUBIC_A + 3)) * x * x + 1
+    far = (((x - 5) * x + 8) * x - 4) * BICUBIC_A
+    weights = jnp.where(x < 1, near, jnp.where(x < 2, far, 0.0)) * (pixel < in_size)
+    weights = weights / weights.sum(axis=1, keepdims=True)
+    return jnp.trunc(weights * PILLOW_ONE + jnp.sign(weights) * 0.5) / PILLOW_ONE
+
+
+def _to_uint8_levels(pixels: jax.Array) -> jax.Array:
+    """Round half up and clip, as Pillow stores each pass's result in 8 bits."""
+    return jnp.clip(jnp.floor(pixels + 0.5), 0, 255)
+
+
+def resize_crops(canvases: jax.Array, crops: jax.Array, size: int) -> jax.Array:
+    """The device's half of the pretraining transform: each crop on its canvas -> (size, size) uint8, flipped
+    where asked. Pillow's bicubic resize of the crop, as torchvision's RandomResizedCrop runs it: two passes,
+    each rounded to 8 bits, here two matmuls per image. Pillow 13 runs the vertical pass first when the crop
+    shrinks vertically and 2 * width < height + size (found by comparing outputs), so the same order is
+    kept: the rounding between passes makes it visible."""
+
+    def resize(canvas: jax.Array, crop: jax.Array) -> jax.Array:
+        height, width, flip = crop[0], crop[1], crop[2]
+        rows = _bicubic_weights(height, size, canvas.shape[0])
+        cols = _bicubic_weights(width, size, canvas.shape[1])
+        cols = jnp.where(flip == 1, cols[::-1], cols)
+        vertical_first = (height > size) & (2 * width < height + size)
+        # Resize axis 1 of `pixels`, then axis 0; the vertical-first order runs on the transposed canvas.
+        pixels = jnp.where(vertical_first, canvas.transpose(1, 0, 2), canvas).astype(jnp.float32)
+        first, second = jnp.where(vertical_first, rows, cols), jnp.where(vertical_first, cols, rows)
+        exact = jax.lax.Precision.HIGHEST
+        pixels = _to_uint8_levels(jnp.einsum("yxc,px->ypc", pixels, first, precision=exact))
+        pixels = _to_uint8_levels(jnp.einsum("oy,ypc->opc", second, pixels, precision=exact))
+        return jnp.where(vertical_first, pixels.transpose(1, 0, 2), pixels).astype(jnp.uint8)
+
+    return jax.vmap(resize)(canvases, crops)
 
 
 def finetune_transform(image: np.ndarray, rng: np.random.Generator, size: int, rand_augment: bool) -> np.ndarray:
@@ -295,10 +370,18 @@ class SkippedImages:
 
 def _train_example(record: dict[str, Any], rng: np.random.Generator, transform: Transform) -> dict[str, Any]:
     try:
-        image = transform(decode(record["image"]), rng)
+        fields = transform(decode(record["image"]), rng)
     except (OSError, ValueError, SyntaxError) as error:  # what PIL raises for corrupt or truncated files
         return {"name": record["name"], "error": f"{type(error).__name__}: {error}"}
-    return {"image": image, "label": np.int32(record["label"])}
+    return {**(fields if isinstance(fields, dict) else {"image": fields}), "label": np.int32(record["label"])}
+
+
+def pretrain_host_transform(config: ml_collections.ConfigDict) -> Transform:
+    """What the hosts run for pretraining: all of it, or, with `input.resize_on_device`, all but the resize
+    (crops travel on a canvas of twice the image size; `device_prefetch` finishes them)."""
+    if config.input.resize_on_device:
+        return functools.partial(crop_to_canvas, size=config.image_size, canvas=2 * config.image_size)
+    return functools.partial(pretrain_transform, size=config.image_size)
 
 
 def train_dataset(
@@ -312,9 +395,10 @@ def train_dataset(
 ) -> grain.IterDataset:
     """This host's infinite stream of {"image": uint8 (B/hosts, S, S, 3), "label": int32 (B/hosts,)} batches.
 
-    `transform(image, rng)` augments a decoded image; by default the pretraining transform at `image_size`.
+    `transform(image, rng)` augments a decoded image; by default the pretraining transform at `image_size`,
+    whose batches with `input.resize_on_device` hold canvases and their "crop" fields instead.
     """
-    transform = transform or functools.partial(pretrain_transform, size=config.image_size)
+    transform = transform or pretrain_host_transform(config)
     index = jax.process_index() if process_index is None else process_index
     count = jax.process_count() if process_count is None else process_count
     dataset = (
@@ -337,16 +421,22 @@ def device_prefetch(
     sharding: jax.sharding.Sharding,
     keys: tuple[str, ...] = ("image",),
     size: int = 2,
+    image_size: int | None = None,
 ) -> Iterator[tuple[dict[str, jax.Array], dict]]:
     """({key: global batch array}, iterator state after it), `size` batches ahead of the step that uses them.
 
     The state travels with its batch because the iterator itself is ahead: saving it at step k must
-    record the position right after batch k.
+    record the position right after batch k. Batches of `crop_to_canvas` are resized to `image_size` here,
+    dispatched ahead like the transfer.
     """
+    finish = jax.jit(resize_crops, static_argnums=2, out_shardings=sharding)
     queue: collections.deque = collections.deque()
     while True:
         batch = next(iterator)
         arrays = {key: jax.make_array_from_process_local_data(sharding, batch[key]) for key in keys}
+        if "crop" in batch:
+            crops = jax.make_array_from_process_local_data(sharding, batch["crop"])
+            arrays["image"] = finish(arrays["image"], crops, image_size)
         queue.append((arrays, iterator.get_state()))
         if len(queue) == size:
             yield queue.popleft()

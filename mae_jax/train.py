@@ -214,7 +214,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     # ------------------------------------------------------------------------------------------------
     # Train.
     # ------------------------------------------------------------------------------------------------
-    batches = input_pipeline.device_prefetch(data_iterator, batch_sharding)
+    batches = input_pipeline.device_prefetch(data_iterator, batch_sharding, image_size=config.image_size)
     guard = NonFiniteGuard(config.skip_nonfinite_steps)
     preemption = checkpointing.PreemptionWatch()
     unchecked: list[dict[str, jax.Array]] = []  # device metrics not yet looked at by the guard

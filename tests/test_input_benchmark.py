@@ -25,5 +25,10 @@ def test_benchmark_measures_positive_finite_rates():
         flags.FLAGS.mark_as_parsed()  # grain reads its absl flags when starting workers
     jpegs = input_benchmark.synthetic_jpegs(6)
     results = input_benchmark.benchmark(jpegs, [1], size=64, seconds=0.5, rounds=1, log=lambda _: None)
-    assert set(results) == {1} and set(results[1]) == {"decode", "full"}
+    assert set(results) == {1} and set(results[1]) == set(input_benchmark.KINDS)
     assert all(math.isfinite(rate) and rate > 0 for rate in results[1].values())
+
+
+def test_device_resize_time_is_positive_and_finite():
+    seconds = input_benchmark.device_resize_seconds(input_benchmark.synthetic_jpegs(3), size=32, rounds=2)
+    assert math.isfinite(seconds) and seconds > 0

@@ -95,6 +95,58 @@ def test_pretrain_transform_flips_sometimes_and_normalize_is_imagenet_mean_std()
     np.testing.assert_allclose(normalized[0, 0], expected, rtol=1e-6)
 
 
+def smooth_photo(seed: int, height: int, width: int) -> np.ndarray:
+    """Photo-like pixels (noise would overstate rounding differences, which the bicubic's overshoot clips)."""
+    rng = np.random.default_rng(seed)
+    coarse = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize((width, height), Image.BICUBIC)
+    return np.clip(np.asarray(coarse, np.int16) + rng.integers(-12, 13, (height, width, 3)), 0, 255).astype(np.uint8)
+
+
+# (height, width) of crops: shrinking and enlarging each way, the vertical-first order, 1 pixel, the canvas
+CROP_SHAPES = [(301, 120), (240, 182), (182, 240), (400, 400), (448, 300), (224, 300), (100, 60), (1, 1), (57, 448)]
+
+
+def test_device_resize_equals_pillows_bicubic_of_the_crop():
+    size, canvas = 224, 448
+    canvases, crops, expected = [], [], []
+    for seed, (height, width) in enumerate(CROP_SHAPES):
+        crop, flip = smooth_photo(seed, height, width), seed % 2
+        reference = np.asarray(Image.fromarray(crop).resize((size, size), Image.BICUBIC))
+        expected.append(reference[:, ::-1] if flip else reference)
+        canvases.append(np.zeros((canvas, canvas, 3), np.uint8))
+        canvases[-1][:height, :width] = crop
+        crops.append((height, width, flip))
+    out = jax.jit(input_pipeline.resize_crops, static_argnums=2)(np.stack(canvases), np.array(crops), size)
+    difference = np.abs(np.asarray(out, np.int16) - np.stack(expected))
+    assert out.dtype == np.uint8 and difference.max() <= 1 and difference.mean() < 1e-3, difference.mean()
+
+
+@pytest.mark.parametrize("canvas", [64, 128], ids=["crops-larger-than-canvas", "crops-on-canvas"])
+def test_crop_on_canvas_then_device_resize_is_the_host_transform(canvas: int):
+    image = smooth_photo(0, 90, 120)
+    canvases, crops, expected = [], [], []
+    for seed in range(12):
+        fields = input_pipeline.crop_to_canvas(image, np.random.default_rng(seed), 32, canvas)
+        canvases.append(fields["image"])
+        crops.append(fields["crop"])
+        expected.append(input_pipeline.pretrain_transform(image, np.random.default_rng(seed), 32))
+    assert any(crop[2] for crop in crops) and not all(crop[2] for crop in crops)  # same flips, both ways
+    out = np.asarray(input_pipeline.resize_crops(np.stack(canvases), np.stack(crops), 32), np.int16)
+    assert np.abs(out - np.stack(expected)).max() <= 1
+
+
+def test_pretrain_transform_crops_before_resizing():
+    """As torchvision's RandomResizedCrop: pixels beyond the crop box do not bleed in through the filter."""
+    image = smooth_photo(1, 90, 120)
+    left, top, right, bottom = input_pipeline.random_resized_crop_box(np.random.default_rng(3), 90, 120)
+    outside = np.full_like(image, 255)
+    outside[top:bottom, left:right] = image[top:bottom, left:right]
+    np.testing.assert_array_equal(
+        input_pipeline.pretrain_transform(image, np.random.default_rng(3), 32),
+        input_pipeline.pretrain_transform(outside, np.random.default_rng(3), 32),
+    )
+
+
 def test_image_folder_labels_skips_corrupt_files_and_names_them_once(image_folder, caplog):
     config = tiny_train_config(**{"dataset.source": "folder", "dataset.data_dir": str(image_folder), "batch_size": 4})
     source = input_pipeline.make_source(config.dataset)
@@ -105,7 +157,8 @@ def test_image_folder_labels_skips_corrupt_files_and_names_them_once(image_folde
     with caplog.at_level(logging.WARNING):
         batches = [next(iterator) for _ in range(17 * 3 // 4)]  # three passes over the 17 readable images
     labels = np.concatenate([b["label"] for b in batches])
-    assert all(b["image"].shape == (4, 32, 32, 3) and b["image"].dtype == np.uint8 for b in batches)
+    assert all(b["image"].shape == (4, 64, 64, 3) and b["image"].dtype == np.uint8 for b in batches)  # canvases
+    assert all(b["crop"].shape == (4, 3) and (b["crop"][:, :2] >= 1).all() for b in batches)
     assert set(labels) == {0, 1, 2}
     assert skipped.count >= 4  # each of the two bad files, in at least two passes
     named = [r.getMessage() for r in caplog.records if "Skipping unreadable image" in r.getMessage()]
@@ -163,14 +216,16 @@ def test_device_prefetch_pairs_each_batch_with_the_state_after_it():
     source = input_pipeline.DemoPhotos()
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     dataset = input_pipeline.train_dataset(source, config, input_pipeline.SkippedImages())
-    prefetched = input_pipeline.device_prefetch(iter(dataset), sharding, keys=("image", "label"))
+    prefetched = input_pipeline.device_prefetch(iter(dataset), sharding, keys=("image", "label"), image_size=32)
     _, state_after_first = next(prefetched)
     second, _ = next(prefetched)
     resumed = iter(dataset)
     resumed.set_state(state_after_first)
     expected = next(resumed)
-    for key in ("image", "label"):
-        np.testing.assert_array_equal(expected[key], np.asarray(second[key]))
+    assert second["image"].shape == (4, 32, 32, 3)  # the crops were resized on the device
+    np.testing.assert_array_equal(np.asarray(input_pipeline.resize_crops(expected["image"], expected["crop"], 32)),
+                                  np.asarray(second["image"]))  # fmt: skip
+    np.testing.assert_array_equal(expected["label"], np.asarray(second["label"]))
 
 
 def test_worker_processes_give_the_same_batches_and_resume():
@@ -194,7 +249,7 @@ def test_tfds_imagenet_through_the_pipeline():
     with tfds.testing.mock_data(num_examples=20):
         source = input_pipeline.make_source(config.dataset)
         batch = next(iter(input_pipeline.train_dataset(source, config, input_pipeline.SkippedImages())))
-    assert len(source) == 20 and batch["image"].shape == (8, 32, 32, 3) and batch["image"].dtype == np.uint8
+    assert len(source) == 20 and batch["image"].shape == (8, 64, 64, 3) and batch["image"].dtype == np.uint8
     assert batch["label"].shape == (8,) and (batch["label"] >= 0).all()
     assert source[0]["name"].startswith("imagenet2012/train:")
 
