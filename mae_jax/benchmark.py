@@ -159,22 +159,33 @@ def _xla_flops(compiled: jax.stages.Compiled) -> float | None:
 
 
 def torch_step(config: ml_collections.ConfigDict) -> Measured:
-    """transformers' ViTMAEForPreTraining train step (AdamW) on CPU, with this machine's cores."""
+    """transformers' ViTMAEForPreTraining train step (AdamW): on the GPU when JAX runs on one (bf16 autocast
+    with `model.dtype=bfloat16`, as the official code's mixed precision), else on CPU with this machine's cores."""
+    import contextlib
+
     import torch
     import transformers
 
+    on_gpu = jax.default_backend() == "gpu" and torch.cuda.is_available()
+    device = torch.device("cuda" if on_gpu else "cpu")
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     model_config = configuration.model_config(config)
-    model = transformers.ViTMAEForPreTraining(transformers_config(model_config, config.mask_ratio)).train()
+    model = transformers.ViTMAEForPreTraining(transformers_config(model_config, config.mask_ratio)).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(config.b1, config.b2), weight_decay=config.weight_decay)
-    pixels = torch.randn(config.batch_size, 3, config.image_size, config.image_size)
+    pixels = torch.randn(config.batch_size, 3, config.image_size, config.image_size, device=device)
+    bf16 = config.model.dtype == "bfloat16"
 
     def run() -> None:
         opt.zero_grad(set_to_none=True)
-        model(pixel_values=pixels).loss.backward()
+        with torch.autocast(device.type, torch.bfloat16) if bf16 else contextlib.nullcontext():
+            loss = model(pixel_values=pixels).loss
+        loss.backward()
         opt.step()
+        if on_gpu:
+            torch.cuda.synchronize()
 
-    return Measured("PyTorch ViTMAE", run, train_flops(model_config, config.mask_ratio, config.batch_size))
+    name = f"PyTorch ViTMAE ({device.type}{', bf16 autocast' if bf16 else ''})"
+    return Measured(name, run, train_flops(model_config, config.mask_ratio, config.batch_size))
 
 
 def transformers_config(config: MAEConfig, mask_ratio: float) -> transformers.ViTMAEConfig:
@@ -286,7 +297,7 @@ def benchmark(
         f"XLA cost analysis {xla_text}"
     )
     figures = {"compile_s": facts["compile_s"], "model_flops": mae.flops, "xla_flops": xla}
-    print(f"{'':34} {'step s':>8} {'images/s':>9} {'/device':>8} {'TFLOP/s/dev':>12} {'MFU':>6}")
+    print(f"{'':36} {'step s':>8} {'images/s':>9} {'/device':>8} {'TFLOP/s/dev':>12} {'MFU':>6}")
     for m in measured:
         if m is matmul:
             continue
@@ -299,7 +310,7 @@ def benchmark(
         else:
             mfu = tflops / peak if peak else float("nan")
         print(
-            f"{m.name:34} {step_s:8.3f} {config.batch_size / step_s:9.2f} "
+            f"{m.name:36} {step_s:8.3f} {config.batch_size / step_s:9.2f} "
             f"{config.batch_size / step_s / devices:8.2f} {tflops:12.4f} {mfu:6.1%}"
         )
         figures[m.name] = {"step_s": step_s, "images_per_s": config.batch_size / step_s, "mfu": mfu}

@@ -17,6 +17,7 @@ from mae_jax.models.vit import (
     Compute,
     Encoder,
     EncoderConfig,
+    fused_attention,
     layer_norm,
     run_blocks,
     sincos_2d,
@@ -114,6 +115,18 @@ def test_softmax_attention_matches_jax_dot_product_attention():
 
     ours, ours_vjp = jax.vjp(softmax_attention, q, k, v)
     theirs, theirs_vjp = jax.vjp(reference, q, k, v)
+    np.testing.assert_allclose(ours, theirs, atol=1e-6)
+    for a, b in zip(ours_vjp(cotangent), theirs_vjp(cotangent), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("length", [197, 50])
+def test_fused_attention_pads_odd_sequences_invisibly(length: int):
+    """The cuDNN path's padding token (odd lengths) changes neither outputs nor gradients; run here with XLA's
+    implementation of the same `jax.nn.dot_product_attention` call, as cuDNN needs a GPU."""
+    q, k, v, cotangent = (jax.random.normal(jax.random.key(i), (2, length, 3, 8)) for i in range(4))
+    ours, ours_vjp = jax.vjp(lambda q, k, v: fused_attention(q, k, v, implementation="xla"), q, k, v)
+    theirs, theirs_vjp = jax.vjp(jax.nn.dot_product_attention, q, k, v)
     np.testing.assert_allclose(ours, theirs, atol=1e-6)
     for a, b in zip(ours_vjp(cotangent), theirs_vjp(cotangent), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5)

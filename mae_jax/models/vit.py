@@ -232,12 +232,28 @@ class Attention(nnx.Module):
         n, length, width = x.shape
         qkv = self.qkv(x.reshape(n * length, width)).reshape(n, length, 3, self.num_heads, width // self.num_heads)
         if self.implementation == "cudnn":
-            q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-            out = jax.nn.dot_product_attention(q, k, v, implementation="cudnn")  # scale head_dim ** -0.5
+            out = fused_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
         else:
             q, k, v = qkv.transpose(2, 0, 3, 1, 4)  # each (N, heads, L, head_dim)
             out = softmax_attention(q, k, v).transpose(0, 2, 1, 3)
         return self.proj(split_batch(out.reshape(n * length, width))).reshape(n, length, width)
+
+
+def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str = "cudnn") -> jax.Array:
+    """`jax.nn.dot_product_attention` (cuDNN's fused kernel) on (batch, tokens, heads, head_dim) arrays.
+
+    cuDNN trains only on even token counts (the decoder has 197 tokens): an odd sequence gets one padding
+    token, which the sequence lengths keep out of every softmax, and its output row is dropped.
+    """
+    n, length = q.shape[:2]
+    if length % 2 == 0:
+        return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+    q, k, v = (jnp.pad(t, ((0, 0), (0, 1), (0, 0), (0, 0))) for t in (q, k, v))
+    lengths = jnp.full((n,), length, jnp.int32)
+    out = jax.nn.dot_product_attention(
+        q, k, v, query_seq_lengths=lengths, key_value_seq_lengths=lengths, implementation=implementation
+    )
+    return out[:, :length]
 
 
 @jax.custom_vjp
