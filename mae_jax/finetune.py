@@ -11,13 +11,11 @@ end the classifier is written as `WORKDIR/classifier.pth` in the official (timm)
 from __future__ import annotations
 
 import functools
-import time
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from absl import logging
 from clu import metric_writers
@@ -27,7 +25,7 @@ from flax import nnx
 from mae_jax import augment, checkpointing, configuration, convert, input_pipeline, optim, pretrained, sharding
 from mae_jax.models.classifier import FINETUNE, Classifier, ClassifierConfig
 from mae_jax.models.vit import Compute, EncoderConfig
-from mae_jax.train import NonFiniteGuard, Preempted, TrainState, schedule_steps
+from mae_jax.train import Bookkeeper, TrainState, schedule_steps
 
 CLASSIFIER_FILE = "classifier.pth"
 
@@ -236,49 +234,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # Train, evaluating every `eval_every_steps`.
     # ------------------------------------------------------------------------------------------------
     batches = input_pipeline.device_prefetch(data_iterator, batch_sharding, keys=("image", "label"))
-    guard = NonFiniteGuard(config.skip_nonfinite_steps)
-    preemption = checkpointing.PreemptionWatch()
-    unchecked: list[dict[str, jax.Array]] = []
-    window: list[dict[str, float]] = []
-    last_time, last_step = time.perf_counter(), start_step
     accuracy: dict[str, float] = {}
-    try:
+    with Bookkeeper(config, manager, writer, skipped, start_step=start_step, total_steps=total_steps) as books:
         for step in range(start_step + 1, total_steps + 1):
             batch, data_state = next(batches)
             state, metrics = train_step(state, batch["image"], batch["label"])
-            unchecked.append(metrics)
-            if step == start_step + 1:
-                jax.block_until_ready(state)
-                last_time, last_step = time.perf_counter(), step
-            preempted = preemption.reached(manager, step)
-            log_now = step % config.log_every_steps == 0 or step == total_steps
-            save_now = step % config.checkpoint_every_steps == 0 or step == total_steps or preempted
-            if log_now or save_now:
-                fetched = jax.device_get(unchecked)
-                guard.check(step - len(fetched) + 1, fetched)
-                window, unchecked = window + fetched, []
-            if log_now:
-                summary = {k: float(np.nanmean([m[k] for m in window])) for k in ("loss", "grad_norm")}
-                summary |= {"lr": float(window[-1]["lr"]), "skipped_images": skipped.count}
-                now = time.perf_counter()
-                if step > last_step:
-                    step_time = (now - last_time) / (step - last_step)
-                    summary |= {"step_time_s": step_time, "images_per_sec": config.batch_size / step_time}
-                writer.write_scalars(step, summary)
-                window, last_time, last_step = [], now, step
+            books.record(step, state, metrics)
             if step % config.eval_every_steps == 0 or step == total_steps:
-                accuracy = evaluate(eval_step, state, eval_source, config, mesh)
+                with books.untimed():
+                    accuracy = evaluate(eval_step, state, eval_source, config, mesh)
                 writer.write_scalars(step, {f"eval_{k}": v for k, v in accuracy.items()})
-                last_time = time.perf_counter()  # evaluation time is not training time
-            if save_now and manager.latest_step() != step:
-                checkpointing.save(manager, step, state, data_state, config.to_dict())
-            if preempted:
-                manager.wait_until_finished()
-                writer.flush()
-                raise Preempted(f"preempted at step {step}: saved {manager.directory}/{step}; rerun to resume")
-    finally:
-        preemption.close()
-        manager.wait_until_finished()
+            books.save(step, state, data_state)
 
     # ------------------------------------------------------------------------------------------------
     # Final: evaluation of a resumed-at-the-end run, and the classifier in the official layout.

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import flax
 import jax
@@ -11,6 +12,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 from absl import logging
 from clu import metric_writers
 from etils import epath
@@ -57,6 +59,91 @@ class NonFiniteGuard:
                     f" ({self._in_a_row} in a row); stopped without saving it (skip_nonfinite_steps="
                     f"{self.skip_steps})"
                 )
+
+
+class Bookkeeper:
+    """What every training loop does around its step, shared by pretraining and the downstream loops.
+
+    Times steps (neither the compile nor evaluations), shows every step's metrics to the `NonFiniteGuard`
+    before any later state is saved, writes averaged summaries every `log_every_steps`, saves a checkpoint
+    every `checkpoint_every_steps`, at the end and when preempted, then stops a preempted run. As a context
+    manager it lets the saves already started complete, also when the loop ends in an error.
+    """
+
+    def __init__(
+        self,
+        config: ml_collections.ConfigDict,
+        manager: ocp.CheckpointManager,
+        writer: metric_writers.MetricWriter,
+        skipped: input_pipeline.SkippedImages,
+        *,
+        start_step: int,
+        total_steps: int,
+    ):
+        self.config, self.manager, self.writer, self.skipped = config, manager, writer, skipped
+        self.start_step, self.total_steps = start_step, total_steps
+        self.guard = NonFiniteGuard(config.skip_nonfinite_steps)
+        self.preemption = checkpointing.PreemptionWatch()
+        self._unchecked: list[dict[str, jax.Array]] = []  # device metrics not yet looked at by the guard
+        self._window: list[dict[str, float]] = []  # host metrics since the last summary
+        self._last_time, self._last_step = time.perf_counter(), start_step
+        self._save_now = self._preempted = False
+
+    def __enter__(self) -> Bookkeeper:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.preemption.close()
+        self.manager.wait_until_finished()
+
+    def record(self, step: int, state: TrainState, metrics: dict[str, jax.Array]) -> None:
+        """After step `step` is dispatched: timing, the guard and the summary, as due."""
+        self._unchecked.append(metrics)
+        if step == self.start_step + 1:  # time steps, not the compile
+            jax.block_until_ready(state)
+            self._last_time, self._last_step = time.perf_counter(), step
+        config, last = self.config, step == self.total_steps
+        self._preempted = self.preemption.reached(self.manager, step)
+        log_now = step % config.log_every_steps == 0 or last
+        self._save_now = step % config.checkpoint_every_steps == 0 or last or self._preempted
+        if log_now or self._save_now:  # the guard sees every step before anything is saved
+            fetched = jax.device_get(self._unchecked)
+            self.guard.check(step - len(fetched) + 1, fetched)
+            self._window, self._unchecked = self._window + fetched, []
+        if log_now:
+            self._write_summary(step)
+
+    def _write_summary(self, step: int) -> None:
+        window = self._window
+        summary = {k: float(np.nanmean([m[k] for m in window])) for k in ("loss", "grad_norm")}
+        summary |= {"lr": float(window[-1]["lr"]), "skipped_images": self.skipped.count}
+        summary |= {"skipped_steps": self.guard.skipped}
+        now = time.perf_counter()
+        if step > self._last_step:  # the first step (the compile) is not timed
+            step_time = (now - self._last_time) / (step - self._last_step)
+            summary |= {
+                "step_time_s": step_time,
+                "images_per_sec": self.config.batch_size / step_time,
+                "eta_hours": (self.total_steps - step) * step_time / 3600,
+            }
+        self.writer.write_scalars(step, summary)
+        self._window, self._last_time, self._last_step = [], now, step
+
+    @contextlib.contextmanager
+    def untimed(self) -> Iterator[None]:
+        """Evaluations inside this block do not count as training time in `step_time_s`."""
+        start = time.perf_counter()
+        yield
+        self._last_time += time.perf_counter() - start
+
+    def save(self, step: int, state: TrainState, data_state: dict) -> None:
+        """Checkpoint step `step` if due; after a preemption's save, stop the run (`Preempted`)."""
+        if self._save_now and self.manager.latest_step() != step:
+            checkpointing.save(self.manager, step, state, data_state, self.config.to_dict())
+        if self._preempted:
+            self.manager.wait_until_finished()
+            self.writer.flush()
+            raise Preempted(f"preempted at step {step}: saved {self.manager.directory}/{step}; rerun to resume")
 
 
 @flax.struct.dataclass
@@ -215,55 +302,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     # Train.
     # ------------------------------------------------------------------------------------------------
     batches = input_pipeline.device_prefetch(data_iterator, batch_sharding, image_size=config.image_size)
-    guard = NonFiniteGuard(config.skip_nonfinite_steps)
-    preemption = checkpointing.PreemptionWatch()
-    unchecked: list[dict[str, jax.Array]] = []  # device metrics not yet looked at by the guard
-    window: list[dict[str, float]] = []  # host metrics since the last summary
-    last_time, last_step = time.perf_counter(), start_step
-    try:
+    with Bookkeeper(config, manager, writer, skipped, start_step=start_step, total_steps=total_steps) as books:
         for step in range(start_step + 1, total_steps + 1):
             batch, data_state = next(batches)
             state, metrics = train_step(state, batch["image"])
-            unchecked.append(metrics)
-            if step == start_step + 1:  # time steps, not the compile
-                jax.block_until_ready(state)
-                last_time, last_step = time.perf_counter(), step
-            preempted = preemption.reached(manager, step)
-            log_now = step % config.log_every_steps == 0 or step == total_steps
-            save_now = step % config.checkpoint_every_steps == 0 or step == total_steps or preempted
-            if log_now or save_now:  # the guard sees every step before anything is saved
-                fetched = jax.device_get(unchecked)
-                guard.check(step - len(fetched) + 1, fetched)
-                window, unchecked = window + fetched, []
-            if log_now:
-                summary = {k: float(np.nanmean([m[k] for m in window])) for k in ("loss", "grad_norm")}
-                summary |= {"lr": float(window[-1]["lr"]), "skipped_images": skipped.count}
-                summary |= {"skipped_steps": guard.skipped}
-                now = time.perf_counter()
-                if step > last_step:  # the first step (the compile) is not timed
-                    step_time = (now - last_time) / (step - last_step)
-                    summary |= {
-                        "step_time_s": step_time,
-                        "images_per_sec": config.batch_size / step_time,
-                        "eta_hours": (total_steps - step) * step_time / 3600,
-                    }
-                writer.write_scalars(step, summary)
-                window, last_time, last_step = [], now, step
+            books.record(step, state, metrics)
             if knn and (step % config.knn.every_steps == 0 or step == total_steps):
-                knn_start = time.perf_counter()
-                writer.write_scalars(step, knn.evaluate(nnx.merge(graphdef, state.params, state.fixed).encoder))
-                last_time += time.perf_counter() - knn_start  # step_time_s leaves the evaluation out
+                with books.untimed():
+                    writer.write_scalars(step, knn.evaluate(nnx.merge(graphdef, state.params, state.fixed).encoder))
             if step % config.image_every_steps == 0 and step != total_steps:  # the last one is written below
                 writer.write_images(step, {"reconstruction": reconstruction_grid()[None]})
-            if save_now and manager.latest_step() != step:
-                checkpointing.save(manager, step, state, data_state, config.to_dict())
-            if preempted:
-                manager.wait_until_finished()
-                writer.flush()
-                raise Preempted(f"preempted at step {step}: saved {manager.directory}/{step}; rerun to resume")
-    finally:  # also on errors: the saves already started complete, so the newest checkpoint is whole
-        preemption.close()
-        manager.wait_until_finished()
+            books.save(step, state, data_state)
 
     # ------------------------------------------------------------------------------------------------
     # Final: reconstruction grid, encoder export.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pathlib
 import shutil
+import time
 
 import jax
 import numpy as np
@@ -55,3 +56,43 @@ def test_main_reports_bad_config_in_one_line(tmp_path: pathlib.Path, override: s
     assert result.stderr.strip().splitlines()[-1].startswith(message)
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "checkpoints").exists()
+
+
+class RecordingWriter:
+    def __init__(self):
+        self.scalars: dict[int, dict[str, float]] = {}
+
+    def write_scalars(self, step: int, scalars: dict[str, float]) -> None:
+        self.scalars[step] = dict(scalars)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_bookkeeper_summarizes_times_without_evaluations_and_guards_before_saving(tmp_path: pathlib.Path):
+    from etils import epath
+
+    from mae_jax import checkpointing, input_pipeline
+
+    config = tiny_train_config(log_every_steps=2, checkpoint_every_steps=100, skip_nonfinite_steps=0)
+    manager, writer = checkpointing.make_manager(epath.Path(tmp_path), 2), RecordingWriter()
+    state = np.zeros(())  # what `record` waits on; no checkpoint falls due in this test
+    finite = {"loss": np.float32(1.0), "grad_norm": np.float32(2.0), "lr": np.float32(1e-3)}
+    with train.Bookkeeper(
+        config, manager, writer, input_pipeline.SkippedImages(), start_step=0, total_steps=50
+    ) as books:
+        for step in range(1, 5):
+            books.record(step, state, {**finite, "loss": np.float32(step)})
+        assert sorted(writer.scalars) == [2, 4] and writer.scalars[4]["loss"] == 3.5  # mean of steps 3, 4
+        assert {"step_time_s", "images_per_sec", "eta_hours", "skipped_steps", "skipped_images"} <= set(
+            writer.scalars[4]
+        )
+        books.record(5, state, finite)
+        with books.untimed():
+            time.sleep(0.3)  # an evaluation
+        books.record(6, state, finite)
+        assert writer.scalars[6]["step_time_s"] < 0.1
+        books.record(7, state, {**finite, "loss": np.float32(np.nan)})
+        with pytest.raises(train.NonFiniteError, match="at step 7"):
+            books.record(8, state, finite)  # the guard looks at every step before the summary of step 8
+    assert manager.latest_step() is None
