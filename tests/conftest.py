@@ -34,6 +34,7 @@ def tiny_train_config(**overrides):
     config.warmup_steps = 1
     config.num_images = 2
     config.input.num_threads = 2
+    config.input.resize_on_device = True  # the default for accelerators, unlike the demo's
     return with_overrides(config, overrides)
 
 
