@@ -6,9 +6,9 @@ Decoding is the floor every JPEG pipeline pays, so "transform img/s as a fractio
 much our crop/resize/flip adds on top, independent of how fast this particular machine is. Two transforms
 are timed: what a host runs in training (`input.resize_on_device`, the default: crop and flip, the resize
 left to the accelerator) and the whole transform on the host; the accelerator's share is timed after, on
-JAX's default backend, per image. Absolute rates
-from different runs are not comparable here (CPU timings vary by +-25%), so both loops run in one process
-tree, interleaved (decode, full, decode, full, ...) for a few rounds, and the medians are reported.
+JAX's default backend, per image. Absolute rates from different runs are not comparable here (CPU timings
+vary by +-25%), so the loops run in one process tree, interleaved (decode, host part, all on host, decode,
+...) for a few rounds, and the medians are reported.
 
 Workers are grain's `mp_prefetch` processes, as in training (not a multiprocessing.Pool: grain's numbers are
 steady once its start-up is excluded), each with one reading thread, so that one worker is one core's worth

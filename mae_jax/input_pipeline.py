@@ -264,9 +264,8 @@ def crop_to_canvas(
     here, as `pretrain_transform` would, and travels as a `size` x `size` crop, which the device's resize
     passes through unchanged; so every pixel comes from a single bicubic resampling either way.
     """
-    box = random_resized_crop_box(rng, *image.shape[:2], scale)
+    left, top, right, bottom = random_resized_crop_box(rng, *image.shape[:2], scale)
     flip = rng.random() < 0.5
-    left, top, right, bottom = box
     crop = image[top:bottom, left:right]
     if crop.shape[0] > canvas or crop.shape[1] > canvas:
         crop = np.asarray(Image.fromarray(crop).resize((size, size), Image.BICUBIC))
