@@ -242,6 +242,11 @@ def random_resized_crop_box(
     return left, top, left + crop_w, top + crop_h
 
 
+def bicubic_resize(image: np.ndarray, size: int) -> np.ndarray:
+    """Pillow's antialiased bicubic resize to size x size, as torchvision's PIL path."""
+    return np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC))
+
+
 def pretrain_transform(
     image: np.ndarray, rng: np.random.Generator, size: int, scale: tuple[float, float] = CROP_SCALE
 ) -> np.ndarray:
@@ -250,7 +255,7 @@ def pretrain_transform(
     Crop, then resize, as torchvision does: pixels beyond the crop stay out of the filter's reach.
     """
     left, top, right, bottom = random_resized_crop_box(rng, *image.shape[:2], scale)
-    crop = np.asarray(Image.fromarray(image[top:bottom, left:right]).resize((size, size), Image.BICUBIC))
+    crop = bicubic_resize(image[top:bottom, left:right], size)
     return crop[:, ::-1] if rng.random() < 0.5 else crop
 
 
@@ -268,7 +273,7 @@ def crop_to_canvas(
     flip = rng.random() < 0.5
     crop = image[top:bottom, left:right]
     if crop.shape[0] > canvas or crop.shape[1] > canvas:
-        crop = np.asarray(Image.fromarray(crop).resize((size, size), Image.BICUBIC))
+        crop = bicubic_resize(crop, size)
     out = np.zeros((canvas, canvas, 3), np.uint8)
     out[: crop.shape[0], : crop.shape[1]] = crop
     return {"image": out, "crop": np.array([crop.shape[0], crop.shape[1], flip], np.int32)}
