@@ -18,6 +18,7 @@ from mae_jax.models.vit import (
     Encoder,
     EncoderConfig,
     fused_attention,
+    gelu,
     layer_norm,
     run_blocks,
     sincos_2d,
@@ -104,6 +105,19 @@ def test_layer_norm_is_flax_forward_with_the_same_gradients(dtype):
         assert a.dtype == b.dtype
         difference = np.max(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)))
         assert difference <= tolerance * np.max(np.abs(np.asarray(b, np.float32)))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_gelu_is_exact_gelu_with_its_gradient(dtype):
+    x = jnp.linspace(-8, 8, 1001).astype(dtype)
+    ours, ours_vjp = jax.vjp(gelu, x)
+    theirs, theirs_vjp = jax.vjp(lambda x: jax.nn.gelu(x.astype(jnp.float32), approximate=False), x)
+    cotangent = jax.random.normal(jax.random.key(0), x.shape)
+    tolerance = 1e-6 if dtype == jnp.float32 else 1e-2
+    np.testing.assert_allclose(np.asarray(ours, np.float32), theirs, atol=tolerance, rtol=tolerance)
+    (ours_grad,), (theirs_grad,) = ours_vjp(cotangent.astype(dtype)), theirs_vjp(cotangent)
+    assert ours_grad.dtype == dtype
+    np.testing.assert_allclose(np.asarray(ours_grad, np.float32), theirs_grad, atol=tolerance, rtol=tolerance)
 
 
 def test_softmax_attention_matches_jax_dot_product_attention():
