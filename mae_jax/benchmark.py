@@ -1,5 +1,5 @@
 """Train-step speed: `python -m mae_jax.benchmark --config=configs/vit_base.py [--config.batch_size=8] [--baseline]
-[--torch] [--rounds=5] [--peak_tflops=...]`.
+[--torch] [--rounds=5] [--peak_tflops=...] [--profile=DIR]`.
 
 Compiles the real train step (sharding, precision, optimizer as `--config` says) on synthetic images and
 prints the median step time, images/s (total and per device), model TFLOP/s per device and MFU. Model FLOPs
@@ -13,14 +13,20 @@ token) and prints MAE's speedup over it; `--torch` times transformers' `ViTMAEFo
 (PyTorch, CPU, AdamW) on the same shapes. Every measurement runs once per round, interleaved, so that
 machine noise hits all alike; ratios are medians of per-round ratios.
 
+`--profile=DIR` then traces a few more steps with `jax.profiler` into DIR (TensorBoard's profile tab, XProf,
+Perfetto) and prints the device operations that took the most time: where a GPU or TPU step goes.
+
 Before anything allocates, glibc's malloc is told to keep the memory it frees (`retain_freed_memory`): with
 PyTorch in the same process, unmapping and faulting in XLA:CPU's per-step buffer again made both slower.
 """
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import dataclasses
+import gzip
+import json
 import os
 import platform
 import statistics
@@ -34,6 +40,7 @@ import ml_collections
 import numpy as np
 import optax
 from absl import app, flags
+from etils import epath
 from flax import nnx
 from ml_collections import config_flags
 
@@ -46,6 +53,7 @@ if TYPE_CHECKING:
 
 FLAGS = flags.FLAGS
 WARMUP_ROUNDS = 2
+PROFILE_STEPS = 3
 # glibc `mallopt` parameters (malloc.h), for `retain_freed_memory`.
 M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
 
@@ -226,6 +234,55 @@ def matmul_peak(dtype: jnp.dtype) -> Measured:
 
 
 # ---------------------------------------------------------------------------------------------------
+# Profile
+# ---------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class DeviceOp:
+    name: str
+    ms_per_step: float
+    calls_per_step: float
+
+
+def trace_steps(measured: Measured, directory: str, steps: int = PROFILE_STEPS) -> list[DeviceOp]:
+    """Trace `steps` runs into `directory`; the device operations by total time, longest first."""
+    with jax.profiler.trace(directory, create_perfetto_trace=True):
+        for _ in range(steps):
+            measured.run()
+    newest = max(epath.Path(directory).glob("plugins/profile/*/perfetto_trace.json.gz"), key=lambda p: p.parent.name)
+    with gzip.open(newest.open("rb")) as f:
+        trace = json.load(f)
+    return device_ops(trace["traceEvents"] if isinstance(trace, dict) else trace, steps)
+
+
+def device_ops(events: list[dict], steps: int) -> list[DeviceOp]:
+    """Sum the complete ("X") events of every device process (`/device:GPU:0`, `/device:TPU:0`, ...) by name.
+
+    XLA:CPU runs on host threads and has no device process: there the list is empty.
+    """
+    devices = {
+        e["pid"]
+        for e in events
+        if e.get("ph") == "M" and e.get("name") == "process_name" and e["args"]["name"].startswith("/device:")
+    }
+    microseconds, calls = collections.Counter(), collections.Counter()
+    for e in events:
+        if e.get("ph") == "X" and e.get("pid") in devices:
+            microseconds[e["name"]] += e.get("dur", 0)
+            calls[e["name"]] += 1
+    return [DeviceOp(name, us / steps / 1e3, calls[name] / steps) for name, us in microseconds.most_common()]
+
+
+def print_device_ops(ops: list[DeviceOp], directory: str, top: int = 25) -> None:
+    total = sum(op.ms_per_step for op in ops)
+    if not ops:
+        print(f"profile in {directory}: no device operations in the trace (XLA:CPU runs on host threads)")
+        return
+    print(f"profile in {directory}: {total:.2f} ms of device operations per step; the longest:")
+    for op in ops[:top]:
+        print(f"{op.ms_per_step:9.3f} ms {op.ms_per_step / total:6.1%} {op.calls_per_step:6.1f}x  {op.name[:100]}")
+
+
+# ---------------------------------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------------------------------
 def table_peak_tflops(device: jax.Device, dtype: str) -> float | None:
@@ -243,11 +300,18 @@ def peak_memory(device: jax.Device) -> str:
 
 
 def benchmark(
-    config: ml_collections.ConfigDict, rounds: int, baseline: bool, with_torch: bool, peak: float | None = None
+    config: ml_collections.ConfigDict,
+    rounds: int,
+    baseline: bool,
+    with_torch: bool,
+    *,
+    peak: float | None = None,
+    profile_dir: str | None = None,
 ) -> dict:
     """Time everything asked for, interleaved round by round; returns the figures it prints.
 
     `peak`: TFLOP/s per device for MFU; None takes it from PEAK_TFLOPS, or on CPU measures a matmul.
+    `profile_dir`: afterwards trace a few mae_jax steps there and print the longest device operations.
     """
     configuration.validate(config)
     mesh = sharding.make_mesh(config.mesh)
@@ -337,6 +401,8 @@ def benchmark(
         f"peak device memory: {peak_memory(device)}"
         + (f"; compiled step arguments + temporaries {footprint / 2**30:.2f} GiB" if footprint else "")
     )
+    if profile_dir:
+        print_device_ops(trace_steps(mae, profile_dir), profile_dir)
     return figures
 
 
@@ -362,7 +428,9 @@ def main(argv: list[str]) -> None:
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     if retain_freed_memory():
         print("glibc malloc: one arena, no mmap, no trimming (freed memory is kept for the next step)")
-    benchmark(FLAGS.config, FLAGS.rounds, FLAGS.baseline, FLAGS.torch, FLAGS.peak_tflops)
+    benchmark(
+        FLAGS.config, FLAGS.rounds, FLAGS.baseline, FLAGS.torch, peak=FLAGS.peak_tflops, profile_dir=FLAGS.profile
+    )
 
 
 def define_flags() -> None:
@@ -372,6 +440,7 @@ def define_flags() -> None:
     flags.DEFINE_bool("baseline", False, "Also time the mask-tokens-in-encoder baseline (paper, Table 2).")
     flags.DEFINE_bool("torch", False, "Also time transformers' ViTMAEForPreTraining train step (PyTorch, CPU).")
     flags.DEFINE_float("peak_tflops", None, "Peak dense TFLOP/s per device for MFU; default: table, or measured.")
+    flags.DEFINE_string("profile", None, "Then trace a few mae_jax steps into this directory and list device ops.")
     flags.mark_flags_as_required(["config"])
 
 

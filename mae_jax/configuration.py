@@ -79,6 +79,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.checkpoint_every_steps = 1000  # also at the end and on preemption (SIGTERM)
     config.keep_checkpoints = 3
     config.skip_nonfinite_steps = 0  # 0: stop at a non-finite loss/gradient; N: skip up to N in a row
+    # > 0: process 0 traces that many steps with jax.profiler into WORKDIR/plugins/profile (TensorBoard's
+    # profile tab, XProf, Perfetto), starting a few steps after each (re)start, past the compile
+    config.profile_steps = 0
 
     config.knn = ml_collections.ConfigDict()  # weighted k-NN accuracy of the encoder's cls features, as DINO's
     config.knn.every_steps = 0  # > 0: kNN top-1 of the encoder's features every that many steps (and at the end)
@@ -206,8 +209,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"dataset.source={config.dataset.source!r} must be {names} or {SOURCES[-1]!r}")
     if config.batch_size % jax.process_count():
         raise ConfigError(f"batch_size={config.batch_size} is not a multiple of the {jax.process_count()} hosts")
-    if config.skip_nonfinite_steps < 0:
-        raise ConfigError(f"skip_nonfinite_steps={config.skip_nonfinite_steps} must be >= 0")
+    for key in ("skip_nonfinite_steps", "profile_steps"):
+        if config[key] < 0:
+            raise ConfigError(f"{key}={config[key]} must be >= 0")
     for key in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
         if config[key] < 1:
             raise ConfigError(f"{key}={config[key]} must be >= 1")

@@ -14,7 +14,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from absl import logging
-from clu import metric_writers
+from clu import metric_writers, periodic_actions
 from etils import epath
 from flax import nnx
 
@@ -24,6 +24,7 @@ from mae_jax.models.mae import MAE, MAEConfig
 from mae_jax.models.vit import FixedEmbedding
 
 ENCODER_DIR = "encoder"
+PROFILE_AFTER_STEPS = 5  # a trace starts this many steps after the first of a (re)start: past the compile
 
 
 class Preempted(RuntimeError):
@@ -66,8 +67,9 @@ class Bookkeeper:
 
     Times steps (neither the compile nor evaluations), shows every step's metrics to the `NonFiniteGuard`
     before any later state is saved, writes averaged summaries every `log_every_steps`, saves a checkpoint
-    every `checkpoint_every_steps`, at the end and when preempted, then stops a preempted run. As a context
-    manager it lets the saves already started complete, also when the loop ends in an error.
+    every `checkpoint_every_steps`, at the end and when preempted, then stops a preempted run; on process 0
+    it traces `profile_steps` steps into `workdir`. As a context manager it lets the saves already started
+    complete, also when the loop ends in an error.
     """
 
     def __init__(
@@ -79,6 +81,7 @@ class Bookkeeper:
         *,
         start_step: int,
         total_steps: int,
+        workdir: epath.PathLike,
     ):
         self.config, self.manager, self.writer, self.skipped = config, manager, writer, skipped
         self.start_step, self.total_steps = start_step, total_steps
@@ -88,6 +91,15 @@ class Bookkeeper:
         self._window: list[dict[str, float]] = []  # host metrics since the last summary
         self._last_time, self._last_step = time.perf_counter(), start_step
         self._save_now = self._preempted = False
+        self.profile = None
+        if config.profile_steps > 0 and jax.process_index() == 0:
+            self.profile = periodic_actions.Profile(
+                logdir=workdir,
+                num_profile_steps=config.profile_steps,
+                profile_duration_ms=None,
+                first_profile=start_step + PROFILE_AFTER_STEPS,
+                every_secs=None,
+            )
 
     def __enter__(self) -> Bookkeeper:
         return self
@@ -99,6 +111,8 @@ class Bookkeeper:
     def record(self, step: int, state: TrainState, metrics: dict[str, jax.Array]) -> None:
         """After step `step` is dispatched: timing, the guard and the summary, as due."""
         self._unchecked.append(metrics)
+        if self.profile:
+            self.profile(step)
         if step == self.start_step + 1:  # time steps, not the compile
             jax.block_until_ready(state)
             self._last_time, self._last_step = time.perf_counter(), step
@@ -302,7 +316,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     # Train.
     # ------------------------------------------------------------------------------------------------
     batches = input_pipeline.device_prefetch(data_iterator, batch_sharding, image_size=config.image_size)
-    with Bookkeeper(config, manager, writer, skipped, start_step=start_step, total_steps=total_steps) as books:
+    with Bookkeeper(
+        config, manager, writer, skipped, start_step=start_step, total_steps=total_steps, workdir=workdir
+    ) as books:
         for step in range(start_step + 1, total_steps + 1):
             batch, data_state = next(batches)
             state, metrics = train_step(state, batch["image"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import pathlib
 import re
 import subprocess
 import sys
@@ -49,11 +50,11 @@ def test_forward_flops_equal_the_models_matmuls(variant: str, baseline: bool, ma
     assert benchmark.forward_flops(config, mask_ratio) * 2 == matmul_flops(jaxpr.jaxpr)
 
 
-def test_benchmark_prints_its_figures():
+def test_benchmark_prints_its_figures(tmp_path: pathlib.Path):
     command = [
         sys.executable, "-m", "mae_jax.benchmark", "--config=configs/demo.py", "--config.image_size=32",
         "--config.batch_size=8", "--config.model.decoder_width=32", "--config.model.decoder_depth=1",
-        "--config.model.decoder_heads=2", "--rounds=2", "--baseline", "--torch",
+        "--config.model.decoder_heads=2", "--rounds=2", "--baseline", "--torch", f"--profile={tmp_path}",
     ]  # fmt: skip
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -66,6 +67,21 @@ def test_benchmark_prints_its_figures():
     assert re.search(rf"peak: float32 2048\^3 matmul measured in this run, {number} TFLOP/s", out), out
     assert re.search(rf"per step: model {number} GFLOP .*XLA cost analysis {number} GFLOP", out), out
     assert "glibc malloc: one arena, no mmap, no trimming" in out, out
+    assert f"profile in {tmp_path}: no device operations" in out, out  # CPU: XLA's work is on host threads
+    assert len(list(tmp_path.glob("plugins/profile/*/perfetto_trace.json.gz"))) == 1
+
+
+def test_device_ops_sum_each_device_operation_per_step():
+    events = [
+        {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+        {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/host:CPU"}},
+        *({"ph": "X", "pid": 1, "name": "gemm", "dur": 300.0} for _ in range(4)),
+        *({"ph": "X", "pid": 1, "name": "fusion.1", "dur": 500.0} for _ in range(2)),
+        {"ph": "X", "pid": 2, "name": "gemm", "dur": 9000.0},  # host side: not a device operation
+        {"ph": "i", "pid": 1, "name": "marker"},
+    ]
+    ops = benchmark.device_ops(events, steps=2)
+    assert ops == [benchmark.DeviceOp("gemm", 0.6, 2.0), benchmark.DeviceOp("fusion.1", 0.5, 1.0)]
 
 
 RSS_AFTER_FREE = """

@@ -79,7 +79,7 @@ def test_bookkeeper_summarizes_times_without_evaluations_and_guards_before_savin
     state = np.zeros(())  # what `record` waits on; no checkpoint falls due in this test
     finite = {"loss": np.float32(1.0), "grad_norm": np.float32(2.0), "lr": np.float32(1e-3)}
     with train.Bookkeeper(
-        config, manager, writer, input_pipeline.SkippedImages(), start_step=0, total_steps=50
+        config, manager, writer, input_pipeline.SkippedImages(), start_step=0, total_steps=50, workdir=tmp_path
     ) as books:
         for step in range(1, 5):
             books.record(step, state, {**finite, "loss": np.float32(step)})
@@ -96,3 +96,25 @@ def test_bookkeeper_summarizes_times_without_evaluations_and_guards_before_savin
         with pytest.raises(train.NonFiniteError, match="at step 7"):
             books.record(8, state, finite)  # the guard looks at every step before the summary of step 8
     assert manager.latest_step() is None
+
+
+def test_bookkeeper_traces_profile_steps_after_a_restart(tmp_path: pathlib.Path):
+    from etils import epath
+
+    from mae_jax import checkpointing, input_pipeline
+
+    config = tiny_train_config(log_every_steps=100, checkpoint_every_steps=100, profile_steps=2)
+    manager = checkpointing.make_manager(epath.Path(tmp_path) / "checkpoints", 2)
+    metrics = {"loss": np.float32(1.0), "grad_norm": np.float32(2.0), "lr": np.float32(1e-3)}
+    traces = lambda: list((tmp_path / "plugins" / "profile").glob("*/*.xplane.pb"))  # noqa: E731
+    start = 10  # as if resumed at step 10: the trace covers steps 15 and 16
+    with train.Bookkeeper(
+        config, manager, RecordingWriter(), input_pipeline.SkippedImages(), start_step=start, total_steps=50,
+        workdir=tmp_path,
+    ) as books:  # fmt: skip
+        for step in range(start + 1, start + 8):
+            state = jax.jit(lambda x: x @ x)(np.full((64, 64), step, np.float32))
+            books.record(step, state, metrics)
+            if step < start + train.PROFILE_AFTER_STEPS + 2:
+                assert not traces(), step
+    assert len(traces()) == 1
