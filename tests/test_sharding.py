@@ -114,7 +114,10 @@ def assert_same_training(a: dict, b: dict) -> None:
                 np.delete(x, np.s_[len(x) // 3 : 2 * len(x) // 3]),
                 np.delete(y, np.s_[len(y) // 3 : 2 * len(y) // 3]),
             )
-        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6, err_msg=name)
+        # Adam divides each gradient element by its own size, so an element whose gradient nearly cancels carries
+        # its reduction-order noise (up to ~1 % of it) into the update: allow 1 % of one step of lr 1e-3. A wrong
+        # sharding or batch split moves parameters by whole steps.
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5, err_msg=name)
 
 
 def test_sharded_step_equals_single_device():
