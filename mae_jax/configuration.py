@@ -82,6 +82,9 @@ def base_config() -> ml_collections.ConfigDict:
     # > 0: process 0 traces that many steps with jax.profiler into WORKDIR/plugins/profile (TensorBoard's
     # profile tab, XProf, Perfetto), starting a few steps after each (re)start, past the compile
     config.profile_steps = 0
+    # Keep compiled steps in WORKDIR/compilation_cache (JAX's persistent cache), so that a restarted run skips
+    # the compile; a cache directory set through JAX_COMPILATION_CACHE_DIR takes precedence
+    config.compilation_cache = True
 
     config.knn = ml_collections.ConfigDict()  # weighted k-NN accuracy of the encoder's cls features, as DINO's
     config.knn.every_steps = 0  # > 0: kNN top-1 of the encoder's features every that many steps (and at the end)

@@ -10,7 +10,9 @@ import re
 import sys
 
 import jax
+import ml_collections
 from absl import app, flags, logging
+from etils import epath
 from ml_collections import config_flags
 
 from mae_jax import finetune, train
@@ -20,6 +22,7 @@ from mae_jax.input_pipeline import DatasetNotFoundError
 from mae_jax.pretrained import PretrainedError
 
 FLAGS = flags.FLAGS
+COMPILATION_CACHE_DIR = "compilation_cache"
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, what schedulers expect of a terminated job; rerun to resume
 flags.DEFINE_string("workdir", None, "Directory (local or gs://) for checkpoints and summaries.")
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/vit_base.py.", lock_config=True)
@@ -38,6 +41,13 @@ def initialize_distributed() -> None:
             jax.distributed.initialize()
         except (ValueError, RuntimeError):  # a single host with nothing to join
             return
+
+
+def use_compilation_cache(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Cache compiled programs in the workdir: a run restarted after a preemption, also on a new VM, loads its
+    step instead of compiling it again. Only process 0 writes (JAX's rule); an already set cache is kept."""
+    if config.compilation_cache and jax.config.jax_compilation_cache_dir is None:
+        jax.config.update("jax_compilation_cache_dir", str(epath.Path(workdir) / COMPILATION_CACHE_DIR))
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -62,6 +72,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(QuietOrbax())
     initialize_distributed()
+    use_compilation_cache(FLAGS.config, FLAGS.workdir)
     logging.info("JAX process %d of %d; %d local / %d global devices", jax.process_index(), jax.process_count(),
                  jax.local_device_count(), jax.device_count())  # fmt: skip
     try:

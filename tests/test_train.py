@@ -12,7 +12,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from mae_jax import train
-from tests.conftest import run_main, tiny_train_config
+from tests.conftest import TINY_MAIN_FLAGS, run_main, tiny_train_config
 
 
 def test_train_steps_on_mock_imagenet(tmp_path: pathlib.Path):
@@ -41,6 +41,20 @@ def test_demo_config_runs_through_main(tmp_path: pathlib.Path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "[3]" in result.stderr and "loss=" in result.stderr
     assert (tmp_path / "checkpoints" / "3").is_dir() and (tmp_path / "reconstruction.png").is_file()
+
+
+def test_restarted_run_loads_its_compiled_step_from_the_workdir(tmp_path: pathlib.Path, monkeypatch):
+    monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # cache even this quick compile
+    monkeypatch.setenv("JAX_LOG_COMPILES", "1")  # logs cache hits
+    hit = "Persistent compilation cache hit for 'jit_train_step'"
+    flags = (*TINY_MAIN_FLAGS, "--config.total_steps=2", "--config.checkpoint_every_steps=1")
+    first = run_main(tmp_path, *flags)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert hit not in first.stderr and list((tmp_path / "compilation_cache").glob("jit_train_step-*"))
+    shutil.rmtree(tmp_path / "checkpoints" / "2")  # as if preempted after step 1's save
+    second = run_main(tmp_path, *flags)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "Restored step 1" in second.stderr and hit in second.stderr
 
 
 @pytest.mark.parametrize(
