@@ -3,15 +3,15 @@
 
 Compiles the real train step (sharding, precision, optimizer as `--config` says) on synthetic images and
 prints the median step time, images/s (total and per device), model TFLOP/s per device and MFU. Model FLOPs
-are counted analytically: 3x the forward matmuls (encoder on the visible tokens, decoder on all), whatever
+are counted analytically (`flops.py`): 3x the forward matmuls (encoder on the visible tokens, decoder on all), whatever
 remat recomputes; XLA's own count of the compiled step is printed beside them. MFU is against the device's
 peak from a table (`--peak_tflops` overrides it); on CPU the peak is a matmul measured in the same run, so
 MFU says how close the step comes to what this machine can do.
 
 `--baseline` also times the paper's Table 2 baseline (mask tokens in the encoder, which then sees every
 token) and prints MAE's speedup over it; `--torch` times transformers' `ViTMAEForPreTraining` train step
-(PyTorch, CPU, AdamW) on the same shapes. Every measurement runs once per round, interleaved, so that
-machine noise hits all alike; ratios are medians of per-round ratios.
+(PyTorch, AdamW; on the GPU when JAX runs on one) on the same shapes. Every measurement runs once per
+round, interleaved, so that machine noise hits all alike; ratios are medians of per-round ratios.
 
 `--profile=DIR` then traces a few more steps with `jax.profiler` into DIR (TensorBoard's profile tab, XProf,
 Perfetto) and prints the device operations that took the most time: where a GPU or TPU step goes.
@@ -44,8 +44,8 @@ from etils import epath
 from flax import nnx
 from ml_collections import config_flags
 
-from mae_jax import configuration, optim, sharding, train
-from mae_jax.models.mae import MAE, MAEConfig, num_kept
+from mae_jax import configuration, flops, optim, sharding, train
+from mae_jax.models.mae import MAE, MAEConfig
 from mae_jax.models.vit import LAYER_NORM_EPS
 
 if TYPE_CHECKING:
@@ -56,52 +56,6 @@ WARMUP_ROUNDS = 2
 PROFILE_STEPS = 3
 # glibc `mallopt` parameters (malloc.h), for `retain_freed_memory`.
 M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
-
-# Dense matmul peak per JAX device, TFLOP/s: (bfloat16, float32 at JAX's default precision). TPU v2/v3
-# devices are single cores; TPUs run float32 matmuls as bfloat16 passes, NVIDIA GPUs as TF32.
-PEAK_TFLOPS = {
-    "TPU v2": (22.5, 22.5),
-    "TPU v3": (61.5, 61.5),
-    "TPU v4": (275.0, 275.0),
-    "TPU v5 lite": (197.0, 197.0),
-    "TPU v5e": (197.0, 197.0),
-    "TPU v5p": (459.0, 459.0),
-    "TPU v6 lite": (918.0, 918.0),
-    "TPU v6e": (918.0, 918.0),
-    "H100": (989.0, 494.0),
-    "H200": (989.0, 494.0),
-    "H800": (989.0, 494.0),
-    "A100": (312.0, 156.0),
-    "L4": (121.0, 60.0),
-}
-
-
-# ---------------------------------------------------------------------------------------------------
-# FLOPs
-# ---------------------------------------------------------------------------------------------------
-def block_flops(tokens: int, width: int, mlp_ratio: int) -> int:
-    """Forward matmul FLOPs of one pre-norm block on one sequence: qkv, proj, MLP, and the two attention
-    products (q k^T and attention x v)."""
-    return 2 * tokens * width * width * (4 + 2 * mlp_ratio) + 4 * tokens * tokens * width
-
-
-def forward_flops(config: MAEConfig, mask_ratio: float) -> int:
-    """Forward matmul FLOPs of the MAE on one image."""
-    enc = config.encoder
-    patches, patch_dim = enc.num_patches, 3 * enc.patch_size**2
-    encoder_tokens = 1 + (patches if config.mask_tokens_in_encoder else num_kept(patches, mask_ratio))
-    return (
-        2 * patches * patch_dim * enc.width  # patch embedding
-        + enc.depth * block_flops(encoder_tokens, enc.width, enc.mlp_ratio)
-        + 2 * encoder_tokens * enc.width * config.decoder_width  # decoder embedding
-        + config.decoder_depth * block_flops(1 + patches, config.decoder_width, enc.mlp_ratio)
-        + 2 * (1 + patches) * config.decoder_width * patch_dim  # pixel prediction
-    )
-
-
-def train_flops(config: MAEConfig, mask_ratio: float, batch_size: int) -> int:
-    """Model FLOPs of one train step: forward + backward (2x forward)."""
-    return 3 * forward_flops(config, mask_ratio) * batch_size
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -156,7 +110,7 @@ def jax_step(name: str, config: ml_collections.ConfigDict, mesh: jax.sharding.Me
         holder[0], metrics = compiled(holder[0], images)
         jax.block_until_ready((holder[0], metrics))
 
-    return Measured(name, run, train_flops(model_config, config.mask_ratio, config.batch_size)), facts
+    return Measured(name, run, flops.train_flops(model_config, config.mask_ratio, config.batch_size)), facts
 
 
 def _xla_flops(compiled: jax.stages.Compiled) -> float | None:
@@ -193,7 +147,7 @@ def torch_step(config: ml_collections.ConfigDict) -> Measured:
             torch.cuda.synchronize()
 
     name = f"PyTorch ViTMAE ({device.type}{', bf16 autocast' if bf16 else ''})"
-    return Measured(name, run, train_flops(model_config, config.mask_ratio, config.batch_size))
+    return Measured(name, run, flops.train_flops(model_config, config.mask_ratio, config.batch_size))
 
 
 def transformers_config(config: MAEConfig, mask_ratio: float) -> transformers.ViTMAEConfig:
@@ -285,13 +239,6 @@ def print_device_ops(ops: list[DeviceOp], directory: str, top: int = 25) -> None
 # ---------------------------------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------------------------------
-def table_peak_tflops(device: jax.Device, dtype: str) -> float | None:
-    for kind, peaks in PEAK_TFLOPS.items():
-        if kind.lower() in device.device_kind.lower():
-            return peaks[0] if dtype == "bfloat16" else peaks[1]
-    return None
-
-
 def peak_memory(device: jax.Device) -> str:
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     if stats and "peak_bytes_in_use" in stats:
@@ -310,7 +257,7 @@ def benchmark(
 ) -> dict:
     """Time everything asked for, interleaved round by round; returns the figures it prints.
 
-    `peak`: TFLOP/s per device for MFU; None takes it from PEAK_TFLOPS, or on CPU measures a matmul.
+    `peak`: TFLOP/s per device for MFU; None takes it from `flops.PEAK_TFLOPS`, or on CPU measures a matmul.
     `profile_dir`: afterwards trace a few mae_jax steps there and print the longest device operations.
     """
     configuration.validate(config)
@@ -336,7 +283,7 @@ def benchmark(
     if with_torch:
         measured.append(torch_step(config))
     peak_source = "given" if peak else "table"
-    peak = peak or table_peak_tflops(device, config.model.dtype)
+    peak = peak or flops.peak_tflops(device, config.model.dtype)
     matmul = None
     if peak is None and device.platform == "cpu":
         matmul = matmul_peak(model_config.compute.jnp_dtype)

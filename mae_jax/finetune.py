@@ -22,7 +22,17 @@ from clu import metric_writers
 from etils import epath
 from flax import nnx
 
-from mae_jax import augment, checkpointing, configuration, convert, input_pipeline, optim, pretrained, sharding
+from mae_jax import (
+    augment,
+    checkpointing,
+    configuration,
+    convert,
+    flops,
+    input_pipeline,
+    optim,
+    pretrained,
+    sharding,
+)
 from mae_jax.models.classifier import FINETUNE, Classifier, ClassifierConfig
 from mae_jax.models.vit import Compute, EncoderConfig
 from mae_jax.train import Bookkeeper, TrainState, schedule_steps
@@ -235,9 +245,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # ------------------------------------------------------------------------------------------------
     batches = input_pipeline.device_prefetch(data_iterator, batch_sharding, keys=("image", "label"))
     accuracy: dict[str, float] = {}
+    train_flops = flops.classifier_train_flops(model_config, config.batch_size)
     with Bookkeeper(
-        config, manager, writer, skipped, start_step=start_step, total_steps=total_steps, workdir=workdir
-    ) as books:
+        config, manager, writer, skipped, start_step=start_step, total_steps=total_steps, workdir=workdir,
+        flops_per_step=train_flops,
+    ) as books:  # fmt: skip
         for step in range(start_step + 1, total_steps + 1):
             batch, data_state = next(batches)
             state, metrics = train_step(state, batch["image"], batch["label"])

@@ -18,7 +18,7 @@ from clu import metric_writers, periodic_actions
 from etils import epath
 from flax import nnx
 
-from mae_jax import checkpointing, configuration, input_pipeline, optim, reconstruction, sharding
+from mae_jax import checkpointing, configuration, flops, input_pipeline, optim, reconstruction, sharding
 from mae_jax.evaluators.knn import KnnEvaluator
 from mae_jax.models.mae import MAE, MAEConfig
 from mae_jax.models.vit import FixedEmbedding
@@ -65,7 +65,8 @@ class NonFiniteGuard:
 class Bookkeeper:
     """What every training loop does around its step, shared by pretraining and the downstream loops.
 
-    Times steps (neither the compile nor evaluations), shows every step's metrics to the `NonFiniteGuard`
+    Times steps (neither the compile nor evaluations) and reports model TFLOP/s per device (and MFU on devices
+    in `flops.PEAK_TFLOPS`) from the step's `flops_per_step`, shows every step's metrics to the `NonFiniteGuard`
     before any later state is saved, writes averaged summaries every `log_every_steps`, saves a checkpoint
     every `checkpoint_every_steps`, at the end and when preempted, then stops a preempted run; on process 0
     it traces `profile_steps` steps into `workdir`. As a context manager it lets the saves already started
@@ -82,9 +83,12 @@ class Bookkeeper:
         start_step: int,
         total_steps: int,
         workdir: epath.PathLike,
+        flops_per_step: float,
     ):
         self.config, self.manager, self.writer, self.skipped = config, manager, writer, skipped
         self.start_step, self.total_steps = start_step, total_steps
+        self.flops_per_device = flops_per_step / jax.device_count()
+        self.peak_tflops = flops.peak_tflops(jax.devices()[0], config.model.dtype)
         self.guard = NonFiniteGuard(config.skip_nonfinite_steps)
         self.preemption = checkpointing.PreemptionWatch()
         self._unchecked: list[dict[str, jax.Array]] = []  # device metrics not yet looked at by the guard
@@ -135,11 +139,15 @@ class Bookkeeper:
         now = time.perf_counter()
         if step > self._last_step:  # the first step (the compile) is not timed
             step_time = (now - self._last_time) / (step - self._last_step)
+            tflops = self.flops_per_device / step_time / 1e12
             summary |= {
                 "step_time_s": step_time,
                 "images_per_sec": self.config.batch_size / step_time,
+                "tflops_per_device": tflops,
                 "eta_hours": (self.total_steps - step) * step_time / 3600,
             }
+            if self.peak_tflops:
+                summary["mfu"] = tflops / self.peak_tflops
         self.writer.write_scalars(step, summary)
         self._window, self._last_time, self._last_step = [], now, step
 
@@ -316,9 +324,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     # Train.
     # ------------------------------------------------------------------------------------------------
     batches = input_pipeline.device_prefetch(data_iterator, batch_sharding, image_size=config.image_size)
+    train_flops = flops.train_flops(model_config, config.mask_ratio, config.batch_size)
     with Bookkeeper(
-        config, manager, writer, skipped, start_step=start_step, total_steps=total_steps, workdir=workdir
-    ) as books:
+        config, manager, writer, skipped, start_step=start_step, total_steps=total_steps, workdir=workdir,
+        flops_per_step=train_flops,
+    ) as books:  # fmt: skip
         for step in range(start_step + 1, total_steps + 1):
             batch, data_state = next(batches)
             state, metrics = train_step(state, batch["image"])

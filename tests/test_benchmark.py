@@ -13,7 +13,8 @@ import jax
 import pytest
 from flax import nnx
 
-from mae_jax import benchmark
+from mae_jax import benchmark, flops
+from mae_jax.models.classifier import FINETUNE, LINPROBE, Classifier, ClassifierConfig
 from mae_jax.models.mae import MAE, MAEConfig
 from tests.conftest import REPO, TINY
 
@@ -47,7 +48,20 @@ def test_forward_flops_equal_the_models_matmuls(variant: str, baseline: bool, ma
     jaxpr = jax.make_jaxpr(lambda s, x: nnx.merge(graphdef, s)(x, mask_ratio, key=jax.random.key(0)).loss)(
         state, images
     )
-    assert benchmark.forward_flops(config, mask_ratio) * 2 == matmul_flops(jaxpr.jaxpr)
+    assert flops.forward_flops(config, mask_ratio) * 2 == matmul_flops(jaxpr.jaxpr)
+
+
+@pytest.mark.parametrize("protocol", [FINETUNE, LINPROBE])
+def test_classifier_flops_equal_the_models_matmuls(protocol: str):
+    config = ClassifierConfig(TINY.encoder, num_classes=10, protocol=protocol)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Classifier(config, rngs=nnx.Rngs(0))))
+    size = config.encoder.image_size
+    images = jax.ShapeDtypeStruct((2, size, size, 3), jax.numpy.float32)
+    forward = matmul_flops(jax.make_jaxpr(lambda s, x: nnx.merge(graphdef, s)(x))(state, images).jaxpr)
+    head = 2 * 2 * config.encoder.width * config.num_classes
+    # fine-tuning: forward and backward of everything; probing: the frozen encoder forward, the head 3x
+    expected = 3 * forward if protocol == FINETUNE else forward + 2 * head
+    assert flops.classifier_train_flops(config, batch_size=2) == expected
 
 
 def test_benchmark_prints_its_figures(tmp_path: pathlib.Path):

@@ -93,14 +93,16 @@ def test_bookkeeper_summarizes_times_without_evaluations_and_guards_before_savin
     state = np.zeros(())  # what `record` waits on; no checkpoint falls due in this test
     finite = {"loss": np.float32(1.0), "grad_norm": np.float32(2.0), "lr": np.float32(1e-3)}
     with train.Bookkeeper(
-        config, manager, writer, input_pipeline.SkippedImages(), start_step=0, total_steps=50, workdir=tmp_path
-    ) as books:
+        config, manager, writer, input_pipeline.SkippedImages(), start_step=0, total_steps=50, workdir=tmp_path,
+        flops_per_step=4e12,
+    ) as books:  # fmt: skip
         for step in range(1, 5):
             books.record(step, state, {**finite, "loss": np.float32(step)})
         assert sorted(writer.scalars) == [2, 4] and writer.scalars[4]["loss"] == 3.5  # mean of steps 3, 4
-        assert {"step_time_s", "images_per_sec", "eta_hours", "skipped_steps", "skipped_images"} <= set(
-            writer.scalars[4]
-        )
+        summary = writer.scalars[4]
+        assert {"step_time_s", "images_per_sec", "eta_hours", "skipped_steps", "skipped_images"} <= set(summary)
+        assert summary["tflops_per_device"] == pytest.approx(4 / summary["step_time_s"] / jax.device_count())
+        assert "mfu" not in summary  # no peak is tabled for CPUs
         books.record(5, state, finite)
         with books.untimed():
             time.sleep(0.3)  # an evaluation
@@ -124,7 +126,7 @@ def test_bookkeeper_traces_profile_steps_after_a_restart(tmp_path: pathlib.Path)
     start = 10  # as if resumed at step 10: the trace covers steps 15 and 16
     with train.Bookkeeper(
         config, manager, RecordingWriter(), input_pipeline.SkippedImages(), start_step=start, total_steps=50,
-        workdir=tmp_path,
+        workdir=tmp_path, flops_per_step=1.0,
     ) as books:  # fmt: skip
         for step in range(start + 1, start + 8):
             state = jax.jit(lambda x: x @ x)(np.full((64, 64), step, np.float32))
