@@ -246,10 +246,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     batches = input_pipeline.device_prefetch(data_iterator, batch_sharding, keys=("image", "label"))
     accuracy: dict[str, float] = {}
     train_flops = flops.classifier_train_flops(model_config, config.batch_size)
-    with Bookkeeper(
-        config, manager, writer, skipped, start_step=start_step, total_steps=total_steps, workdir=workdir,
-        flops_per_step=train_flops,
-    ) as books:  # fmt: skip
+    books = Bookkeeper(
+        config, manager, writer, skipped,
+        start_step=start_step, total_steps=total_steps, workdir=workdir, flops_per_step=train_flops,
+    )  # fmt: skip
+    with books:
         for step in range(start_step + 1, total_steps + 1):
             batch, data_state = next(batches)
             state, metrics = train_step(state, batch["image"], batch["label"])

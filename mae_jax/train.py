@@ -14,7 +14,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from absl import logging
-from clu import metric_writers, periodic_actions
+from clu import metric_writers
 from etils import epath
 from flax import nnx
 
@@ -95,28 +95,33 @@ class Bookkeeper:
         self._window: list[dict[str, float]] = []  # host metrics since the last summary
         self._last_time, self._last_step = time.perf_counter(), start_step
         self._save_now = self._preempted = False
-        self.profile = None
+        self.workdir = workdir
+        self._profiling = False
+        self._profiled_steps = range(0)  # steps whose work the trace holds, on process 0
         if config.profile_steps > 0 and jax.process_index() == 0:
-            self.profile = periodic_actions.Profile(
-                logdir=workdir,
-                num_profile_steps=config.profile_steps,
-                profile_duration_ms=None,
-                first_profile=start_step + PROFILE_AFTER_STEPS,
-                every_secs=None,
-            )
+            first = start_step + PROFILE_AFTER_STEPS
+            self._profiled_steps = range(first, first + config.profile_steps)
 
     def __enter__(self) -> Bookkeeper:
         return self
 
     def __exit__(self, *exc_info) -> None:
         self.preemption.close()
+        self._stop_profile()
         self.manager.wait_until_finished()
 
     def record(self, step: int, state: TrainState, metrics: dict[str, jax.Array]) -> None:
         """After step `step` is dispatched: timing, the guard and the summary, as due."""
         self._unchecked.append(metrics)
-        if self.profile:
-            self.profile(step)
+        if step + 1 == self._profiled_steps.start:  # steps run asynchronously: start once the last one is done
+            with self.untimed():
+                jax.block_until_ready(state)
+                jax.profiler.start_trace(self.workdir)
+                self._profiling = True
+        elif step == self._profiled_steps.stop - 1:
+            with self.untimed():
+                jax.block_until_ready(state)
+                self._stop_profile()
         if step == self.start_step + 1:  # time steps, not the compile
             jax.block_until_ready(state)
             self._last_time, self._last_step = time.perf_counter(), step
@@ -150,6 +155,13 @@ class Bookkeeper:
                 summary["mfu"] = tflops / self.peak_tflops
         self.writer.write_scalars(step, summary)
         self._window, self._last_time, self._last_step = [], now, step
+
+    def _stop_profile(self) -> None:
+        if self._profiling:
+            jax.profiler.stop_trace()
+            self._profiling = False
+            steps = self._profiled_steps
+            logging.info("Wrote a trace of steps %d-%d to %s", steps.start, steps.stop - 1, self.workdir)
 
     @contextlib.contextmanager
     def untimed(self) -> Iterator[None]:
@@ -325,10 +337,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     # ------------------------------------------------------------------------------------------------
     batches = input_pipeline.device_prefetch(data_iterator, batch_sharding, image_size=config.image_size)
     train_flops = flops.train_flops(model_config, config.mask_ratio, config.batch_size)
-    with Bookkeeper(
-        config, manager, writer, skipped, start_step=start_step, total_steps=total_steps, workdir=workdir,
-        flops_per_step=train_flops,
-    ) as books:  # fmt: skip
+    books = Bookkeeper(
+        config, manager, writer, skipped,
+        start_step=start_step, total_steps=total_steps, workdir=workdir, flops_per_step=train_flops,
+    )  # fmt: skip
+    with books:
         for step in range(start_step + 1, total_steps + 1):
             batch, data_state = next(batches)
             state, metrics = train_step(state, batch["image"])

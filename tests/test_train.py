@@ -114,23 +114,23 @@ def test_bookkeeper_summarizes_times_without_evaluations_and_guards_before_savin
     assert manager.latest_step() is None
 
 
-def test_bookkeeper_traces_profile_steps_after_a_restart(tmp_path: pathlib.Path):
+@pytest.mark.parametrize("last_step", [20, 16], ids=["whole", "cut_short"])
+def test_bookkeeper_traces_profile_steps_after_a_restart(tmp_path: pathlib.Path, last_step: int):
     from etils import epath
 
     from mae_jax import checkpointing, input_pipeline
 
-    config = tiny_train_config(log_every_steps=100, checkpoint_every_steps=100, profile_steps=2)
+    config = tiny_train_config(log_every_steps=100, checkpoint_every_steps=100, profile_steps=3)
     manager = checkpointing.make_manager(epath.Path(tmp_path) / "checkpoints", 2)
     metrics = {"loss": np.float32(1.0), "grad_norm": np.float32(2.0), "lr": np.float32(1e-3)}
     traces = lambda: list((tmp_path / "plugins" / "profile").glob("*/*.xplane.pb"))  # noqa: E731
-    start = 10  # as if resumed at step 10: the trace covers steps 15 and 16
+    start = 10  # as if resumed at step 10: the trace holds steps 15-17
     with train.Bookkeeper(
         config, manager, RecordingWriter(), input_pipeline.SkippedImages(), start_step=start, total_steps=50,
         workdir=tmp_path, flops_per_step=1.0,
     ) as books:  # fmt: skip
-        for step in range(start + 1, start + 8):
+        for step in range(start + 1, last_step + 1):
             state = jax.jit(lambda x: x @ x)(np.full((64, 64), step, np.float32))
             books.record(step, state, metrics)
-            if step < start + train.PROFILE_AFTER_STEPS + 2:
-                assert not traces(), step
-    assert len(traces()) == 1
+            assert bool(traces()) == (step >= start + train.PROFILE_AFTER_STEPS + 2), step
+    assert len(traces()) == 1  # a loop that ends inside the traced steps still writes its trace
