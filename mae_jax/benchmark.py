@@ -209,18 +209,22 @@ def trace_steps(measured: Measured, directory: str, steps: int = PROFILE_STEPS) 
 
 
 def device_ops(events: list[dict], steps: int) -> list[DeviceOp]:
-    """Sum the complete ("X") events of every device process (`/device:GPU:0`, `/device:TPU:0`, ...) by name.
+    """Sum the complete ("X") events of the device processes (`/device:GPU:0`, `/device:TPU:0`, ...) by name.
 
-    XLA:CPU runs on host threads and has no device process: there the list is empty.
+    GPU processes hold one line of kernels per stream. A TPU's also has "Steps" and "XLA Modules" lines that
+    span many ops: where an "XLA Ops" line exists, only it counts. XLA:CPU runs on host threads and has no
+    device process: there the list is empty.
     """
-    devices = {
-        e["pid"]
-        for e in events
-        if e.get("ph") == "M" and e.get("name") == "process_name" and e["args"]["name"].startswith("/device:")
-    }
+
+    def named(kind: str) -> list[tuple[dict, str]]:  # metadata events: process and thread names
+        return [(e, e["args"]["name"]) for e in events if e.get("ph") == "M" and e.get("name") == kind]
+
+    devices = {e["pid"] for e, name in named("process_name") if name.startswith("/device:")}
+    op_lines = {(e["pid"], e["tid"]) for e, name in named("thread_name") if e["pid"] in devices and name == "XLA Ops"}
+    counted = (lambda e: (e["pid"], e["tid"]) in op_lines) if op_lines else (lambda e: e["pid"] in devices)
     microseconds, calls = collections.Counter(), collections.Counter()
     for e in events:
-        if e.get("ph") == "X" and e.get("pid") in devices:
+        if e.get("ph") == "X" and counted(e):
             microseconds[e["name"]] += e.get("dur", 0)
             calls[e["name"]] += 1
     return [DeviceOp(name, us / steps / 1e3, calls[name] / steps) for name, us in microseconds.most_common()]

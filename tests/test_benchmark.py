@@ -89,13 +89,26 @@ def test_device_ops_sum_each_device_operation_per_step():
     events = [
         {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
         {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/host:CPU"}},
-        *({"ph": "X", "pid": 1, "name": "gemm", "dur": 300.0} for _ in range(4)),
-        *({"ph": "X", "pid": 1, "name": "fusion.1", "dur": 500.0} for _ in range(2)),
-        {"ph": "X", "pid": 2, "name": "gemm", "dur": 9000.0},  # host side: not a device operation
-        {"ph": "i", "pid": 1, "name": "marker"},
+        {"ph": "M", "name": "thread_name", "pid": 1, "tid": 7, "args": {"name": "Stream #7"}},
+        *({"ph": "X", "pid": 1, "tid": 7, "name": "gemm", "dur": 300.0} for _ in range(4)),
+        *({"ph": "X", "pid": 1, "tid": 8, "name": "fusion.1", "dur": 500.0} for _ in range(2)),
+        {"ph": "X", "pid": 2, "tid": 1, "name": "gemm", "dur": 9000.0},  # host side: not a device operation
+        {"ph": "i", "pid": 1, "tid": 7, "name": "marker"},
     ]
     ops = benchmark.device_ops(events, steps=2)
     assert ops == [benchmark.DeviceOp("gemm", 0.6, 2.0), benchmark.DeviceOp("fusion.1", 0.5, 1.0)]
+
+
+def test_device_ops_of_a_tpu_count_its_ops_line_only():
+    events = [
+        {"ph": "M", "name": "process_name", "pid": 3, "args": {"name": "/device:TPU:0"}},
+        {"ph": "M", "name": "thread_name", "pid": 3, "tid": 1, "args": {"name": "XLA Modules"}},
+        {"ph": "M", "name": "thread_name", "pid": 3, "tid": 2, "args": {"name": "XLA Ops"}},
+        {"ph": "X", "pid": 3, "tid": 1, "name": "jit_train_step", "dur": 1000.0},  # spans the ops below
+        {"ph": "X", "pid": 3, "tid": 2, "name": "convolution.3", "dur": 700.0},
+        {"ph": "X", "pid": 3, "tid": 2, "name": "fusion.9", "dur": 300.0},
+    ]
+    assert [op.name for op in benchmark.device_ops(events, steps=1)] == ["convolution.3", "fusion.9"]
 
 
 RSS_AFTER_FREE = """
