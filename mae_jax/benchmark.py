@@ -231,10 +231,10 @@ def device_ops(events: list[dict], steps: int) -> list[DeviceOp]:
 
 
 def print_device_ops(ops: list[DeviceOp], directory: str, top: int = 25) -> None:
-    total = sum(op.ms_per_step for op in ops)
     if not ops:
         print(f"profile in {directory}: no device operations in the trace (XLA:CPU runs on host threads)")
         return
+    total = sum(op.ms_per_step for op in ops)
     print(f"profile in {directory}: {total:.2f} ms of device operations per step; the longest:")
     for op in ops[:top]:
         print(f"{op.ms_per_step:9.3f} ms {op.ms_per_step / total:6.1%} {op.calls_per_step:6.1f}x  {op.name[:100]}")
