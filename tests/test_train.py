@@ -83,54 +83,57 @@ class RecordingWriter:
         pass
 
 
-def test_bookkeeper_summarizes_times_without_evaluations_and_guards_before_saving(tmp_path: pathlib.Path):
+FINITE_METRICS = {"loss": np.float32(1.0), "grad_norm": np.float32(2.0), "lr": np.float32(1e-3)}
+
+
+def bookkeeper(
+    workdir: pathlib.Path, writer: RecordingWriter, *, start_step: int, flops_per_step: float, **overrides
+) -> train.Bookkeeper:
+    """A Bookkeeper of a 50-step run of the tiny config, checkpointing into `workdir`/checkpoints."""
     from etils import epath
 
     from mae_jax import checkpointing, input_pipeline
 
-    config = tiny_train_config(log_every_steps=2, checkpoint_every_steps=100, skip_nonfinite_steps=0)
-    manager, writer = checkpointing.make_manager(epath.Path(tmp_path), 2), RecordingWriter()
+    config = tiny_train_config(checkpoint_every_steps=100, **overrides)
+    manager = checkpointing.make_manager(epath.Path(workdir) / "checkpoints", 2)
+    return train.Bookkeeper(
+        config, manager, writer, input_pipeline.SkippedImages(),
+        start_step=start_step, total_steps=50, workdir=workdir, flops_per_step=flops_per_step,
+    )  # fmt: skip
+
+
+def test_bookkeeper_summarizes_times_without_evaluations_and_guards_before_saving(tmp_path: pathlib.Path):
+    writer = RecordingWriter()
+    books = bookkeeper(tmp_path, writer, start_step=0, flops_per_step=4e12, log_every_steps=2, skip_nonfinite_steps=0)
     state = np.zeros(())  # what `record` waits on; no checkpoint falls due in this test
-    finite = {"loss": np.float32(1.0), "grad_norm": np.float32(2.0), "lr": np.float32(1e-3)}
-    with train.Bookkeeper(
-        config, manager, writer, input_pipeline.SkippedImages(), start_step=0, total_steps=50, workdir=tmp_path,
-        flops_per_step=4e12,
-    ) as books:  # fmt: skip
+    with books:
         for step in range(1, 5):
-            books.record(step, state, {**finite, "loss": np.float32(step)})
+            books.record(step, state, {**FINITE_METRICS, "loss": np.float32(step)})
         assert sorted(writer.scalars) == [2, 4] and writer.scalars[4]["loss"] == 3.5  # mean of steps 3, 4
         summary = writer.scalars[4]
         assert {"step_time_s", "images_per_sec", "eta_hours", "skipped_steps", "skipped_images"} <= set(summary)
         assert summary["tflops_per_device"] == pytest.approx(4 / summary["step_time_s"] / jax.device_count())
         assert "mfu" not in summary  # no peak is tabled for CPUs
-        books.record(5, state, finite)
+        books.record(5, state, FINITE_METRICS)
         with books.untimed():
             time.sleep(0.3)  # an evaluation
-        books.record(6, state, finite)
+        books.record(6, state, FINITE_METRICS)
         assert writer.scalars[6]["step_time_s"] < 0.1
-        books.record(7, state, {**finite, "loss": np.float32(np.nan)})
+        books.record(7, state, {**FINITE_METRICS, "loss": np.float32(np.nan)})
         with pytest.raises(train.NonFiniteError, match="at step 7"):
-            books.record(8, state, finite)  # the guard looks at every step before the summary of step 8
-    assert manager.latest_step() is None
+            books.record(8, state, FINITE_METRICS)  # the guard looks at every step before the summary of step 8
+    assert books.manager.latest_step() is None
 
 
 @pytest.mark.parametrize("last_step", [20, 16], ids=["whole", "cut_short"])
 def test_bookkeeper_traces_profile_steps_after_a_restart(tmp_path: pathlib.Path, last_step: int):
-    from etils import epath
-
-    from mae_jax import checkpointing, input_pipeline
-
-    config = tiny_train_config(log_every_steps=100, checkpoint_every_steps=100, profile_steps=3)
-    manager = checkpointing.make_manager(epath.Path(tmp_path) / "checkpoints", 2)
-    metrics = {"loss": np.float32(1.0), "grad_norm": np.float32(2.0), "lr": np.float32(1e-3)}
     traces = lambda: list((tmp_path / "plugins" / "profile").glob("*/*.xplane.pb"))  # noqa: E731
     start = 10  # as if resumed at step 10: the trace holds steps 15-17
-    with train.Bookkeeper(
-        config, manager, RecordingWriter(), input_pipeline.SkippedImages(), start_step=start, total_steps=50,
-        workdir=tmp_path, flops_per_step=1.0,
-    ) as books:  # fmt: skip
+    books = bookkeeper(tmp_path, RecordingWriter(), start_step=start, flops_per_step=1.0, log_every_steps=100,
+                       profile_steps=3)  # fmt: skip
+    with books:
         for step in range(start + 1, last_step + 1):
             state = jax.jit(lambda x: x @ x)(np.full((64, 64), step, np.float32))
-            books.record(step, state, metrics)
+            books.record(step, state, FINITE_METRICS)
             assert bool(traces()) == (step >= start + train.PROFILE_AFTER_STEPS + 2), step
     assert len(traces()) == 1  # a loop that ends inside the traced steps still writes its trace
