@@ -1,12 +1,13 @@
 """Train-step speed: `python -m mae_jax.benchmark --config=configs/vit_base.py [--config.batch_size=8] [--baseline]
 [--torch] [--rounds=5] [--peak_tflops=...] [--profile=DIR]`.
 
-Compiles the real train step (sharding, precision, optimizer as `--config` says) on synthetic images and
-prints the median step time, images/s (total and per device), model TFLOP/s per device and MFU. Model FLOPs
-are counted analytically (`flops.py`): 3x the forward matmuls (encoder on the visible tokens, decoder on all), whatever
-remat recomputes; XLA's own count of the compiled step is printed beside them. MFU is against the device's
-peak from a table (`--peak_tflops` overrides it); on CPU the peak is a matmul measured in the same run, so
-MFU says how close the step comes to what this machine can do.
+Compiles the real train step of the config's task (pretraining, fine-tuning or linear probing; sharding,
+precision, optimizer as `--config` says) on synthetic images and prints the median step time, images/s (total
+and per device), model TFLOP/s per device and MFU. Model FLOPs are counted analytically (`flops.py`): the
+matmuls forward and backward (pretraining: encoder on the visible tokens, decoder on all), whatever remat
+recomputes; XLA's own count of the compiled step is printed beside them. MFU is against the device's peak from
+a table (`--peak_tflops` overrides it); on CPU the peak is a matmul measured in the same run, so MFU says how
+close the step comes to what this machine can do.
 
 `--baseline` also times the paper's Table 2 baseline (mask tokens in the encoder, which then sees every
 token) and prints MAE's speedup over it; `--torch` times transformers' `ViTMAEForPreTraining` train step
@@ -25,6 +26,7 @@ from __future__ import annotations
 import collections
 import ctypes
 import dataclasses
+import functools
 import gzip
 import json
 import os
@@ -44,7 +46,8 @@ from etils import epath
 from flax import nnx
 from ml_collections import config_flags
 
-from mae_jax import configuration, flops, optim, sharding, train
+from mae_jax import configuration, finetune, flops, optim, sharding, train
+from mae_jax.models.classifier import Classifier
 from mae_jax.models.mae import MAE, MAEConfig
 from mae_jax.models.vit import LAYER_NORM_EPS
 
@@ -78,28 +81,42 @@ class Measured:
 
 
 def jax_step(name: str, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> tuple[Measured, dict]:
-    """The real train step, compiled for `config` on `mesh`, and facts about its compilation."""
-    model_config = configuration.model_config(config)
-    tx = optim.make_optimizer(config, optax.constant_schedule(optim.learning_rate(config.base_lr, config.batch_size)))
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: MAE(model_config, rngs=nnx.Rngs(0))))
-    abstract_state = jax.eval_shape(lambda: train.init_train_state(model_config, tx, config.seed))
-    state_sharding = sharding.train_state_shardings(mesh, abstract_state, tx)
+    """The real train step of `config.task` (pretraining, fine-tuning or probing), compiled for `config` on
+    `mesh`, and facts about its compilation."""
+    lr_schedule = optax.constant_schedule(optim.learning_rate(config.base_lr, config.batch_size))
+    shape = (config.batch_size, config.image_size, config.image_size, 3)
+    rng = np.random.default_rng(0)
+    batch = [rng.integers(0, 256, shape, dtype=np.uint8)]
+    if config.task == "pretrain":
+        model_config = configuration.model_config(config)
+        tx = optim.make_optimizer(config, lr_schedule)
+        init = functools.partial(train.init_train_state, model_config, tx, config.seed)
+        graphdef = nnx.graphdef(nnx.eval_shape(lambda: MAE(model_config, rngs=nnx.Rngs(0))))
+        step = train.make_train_step(
+            graphdef, tx, lr_schedule, config.mask_ratio, config.seed,
+            grad_accum_steps=config.grad_accum_steps, mesh=mesh,
+        )  # fmt: skip
+        step_flops = flops.train_flops(model_config, config.mask_ratio, config.batch_size)
+    else:
+        model_config = finetune.classifier_config(config)
+        tx = finetune.make_optimizer(config, model_config, lr_schedule)
+        init = functools.partial(finetune.init_train_state, model_config, tx, config.seed, None)
+        graphdef = nnx.graphdef(nnx.eval_shape(lambda: Classifier(model_config, rngs=nnx.Rngs(0))))
+        step = finetune.make_train_step(graphdef, tx, lr_schedule, config)
+        step_flops = flops.classifier_train_flops(model_config, config.batch_size)
+        batch.append(rng.integers(0, config.num_classes, config.batch_size, dtype=np.int32))  # labels
+    state_sharding = sharding.train_state_shardings(mesh, jax.eval_shape(init), tx)
     batch_sharding = sharding.batch_sharding(mesh)
-    state = jax.jit(lambda: train.init_train_state(model_config, tx, config.seed), out_shardings=state_sharding)()
-    step = train.make_train_step(
-        graphdef, tx, optax.constant_schedule(0.0), config.mask_ratio, config.seed,
-        grad_accum_steps=config.grad_accum_steps, mesh=mesh,
-    )  # fmt: skip
+    state = jax.jit(init, out_shardings=state_sharding)()
     step = jax.jit(
         step,
-        in_shardings=(state_sharding, batch_sharding),
+        in_shardings=(state_sharding, *[batch_sharding] * len(batch)),
         out_shardings=(state_sharding, sharding.replicated(mesh)),
         donate_argnums=0,
     )
-    shape = (config.batch_size, config.image_size, config.image_size, 3)
-    images = jax.device_put(np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8), batch_sharding)
+    batch = [jax.device_put(x, batch_sharding) for x in batch]
     start = time.perf_counter()
-    compiled = step.lower(state, images).compile()
+    compiled = step.lower(state, *batch).compile()
     facts = {"compile_s": time.perf_counter() - start, "xla_flops": _xla_flops(compiled)}
     memory = compiled.memory_analysis()
     if memory is not None:
@@ -107,10 +124,10 @@ def jax_step(name: str, config: ml_collections.ConfigDict, mesh: jax.sharding.Me
     holder = [state]
 
     def run() -> None:
-        holder[0], metrics = compiled(holder[0], images)
+        holder[0], metrics = compiled(holder[0], *batch)
         jax.block_until_ready((holder[0], metrics))
 
-    return Measured(name, run, flops.train_flops(model_config, config.mask_ratio, config.batch_size)), facts
+    return Measured(name, run, step_flops), facts
 
 
 def _xla_flops(compiled: jax.stages.Compiled) -> float | None:
@@ -268,12 +285,14 @@ def benchmark(
     mesh = sharding.make_mesh(config.mesh)
     device = jax.devices()[0]
     devices = jax.device_count()
-    model_config = configuration.model_config(config)
+    if config.task == "pretrain":
+        task = f"MAE, decoder {config.model.decoder_depth}x{config.model.decoder_width}, mask ratio {config.mask_ratio}"
+    else:
+        task = f"{config.task}, {config.num_classes} classes"
     print(
         f"device: {devices} x {device.device_kind} ({device.platform}), {jax.process_count()} process(es); "
         f"mesh data={mesh.shape[sharding.DATA_AXIS]} fsdp={mesh.shape[sharding.FSDP_AXIS]}\n"
-        f"model: {config.model.variant} at {config.image_size} px, decoder {model_config.decoder_depth}x"
-        f"{model_config.decoder_width}, mask ratio {config.mask_ratio}, {config.model.dtype}, attention "
+        f"model: {config.model.variant} at {config.image_size} px, {task}, {config.model.dtype}, attention "
         f"{config.model.attention}, remat {config.model.remat}; batch {config.batch_size} "
         f"({config.batch_size // devices} per device), grad_accum_steps {config.grad_accum_steps}",
         flush=True,
@@ -290,7 +309,7 @@ def benchmark(
     peak = peak or flops.peak_tflops(device, config.model.dtype)
     matmul = None
     if peak is None and device.platform == "cpu":
-        matmul = matmul_peak(model_config.compute.jnp_dtype)
+        matmul = matmul_peak(jnp.dtype(config.model.dtype))
         measured.append(matmul)
 
     # Warm-up: first-touch allocations, lazy initialization, and (CPU) a second round for malloc's heap to
@@ -308,8 +327,8 @@ def benchmark(
     xla = facts["xla_flops"]
     xla_text = f"{xla / 1e9:.1f} GFLOP" if xla else "unavailable"
     print(
-        f"compile {facts['compile_s']:.1f} s; per step: model {mae.flops / 1e9:.1f} GFLOP (3 x forward matmuls), "
-        f"XLA cost analysis {xla_text}"
+        f"compile {facts['compile_s']:.1f} s; per step: model {mae.flops / 1e9:.1f} GFLOP (matmuls, forward and "
+        f"backward), XLA cost analysis {xla_text}"
     )
     figures = {"compile_s": facts["compile_s"], "model_flops": mae.flops, "xla_flops": xla}
     print(f"{'':36} {'step s':>8} {'images/s':>9} {'/device':>8} {'TFLOP/s/dev':>12} {'MFU':>6}")
@@ -375,6 +394,8 @@ def retain_freed_memory() -> bool:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if FLAGS.config.task != "pretrain" and (FLAGS.baseline or FLAGS.torch):
+        raise app.UsageError(f"--baseline and --torch compare pretraining steps; config.task is {FLAGS.config.task!r}")
     if FLAGS.torch:  # JAX would otherwise take 75 % of a GPU's memory up front, and PyTorch run out of it
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     if retain_freed_memory():

@@ -85,6 +85,20 @@ def test_benchmark_prints_its_figures(tmp_path: pathlib.Path):
     assert len(list(tmp_path.glob("plugins/profile/*/perfetto_trace.json.gz"))) == 1
 
 
+@pytest.mark.parametrize("task", ["finetune", "linprobe"])
+def test_benchmark_times_the_downstream_steps(task: str):
+    command = [
+        sys.executable, "-m", "mae_jax.benchmark", f"--config=configs/{task}_vit_base.py", "--config.image_size=32",
+        "--config.model.variant=mu/8", "--config.batch_size=8", "--config.num_classes=10", "--rounds=1",
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"model: mu/8 at 32 px, {task}, 10 classes" in result.stdout, result.stdout
+    assert re.search(r"^mae_jax +[\d.]+ +[\d.]+ +[\d.]+ +[\d.]+ +[\d.]+%$", result.stdout, re.M), result.stdout
+    refused = subprocess.run([*command, "--torch"], cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
+    assert refused.returncode != 0 and f"config.task is '{task}'" in refused.stderr, refused.stderr[-3000:]
+
+
 def test_device_ops_sum_each_device_operation_per_step():
     events = [
         {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
