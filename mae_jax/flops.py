@@ -1,8 +1,9 @@
 """Model FLOPs of a train step, and the devices' peak matmul rates: for TFLOP/s and MFU in the training
 summaries and the benchmark.
 
-FLOPs are counted analytically from the shapes: 2 per multiply-add of every matmul (the patch embedding, the
-linears, the two attention products), forward once and backward twice, whatever rematerialization recomputes.
+FLOPs are counted analytically from the shapes: 2 per multiply-add of every matmul (the patch embedding of
+the patches the encoder sees, the linears, the two attention products), forward once and backward twice,
+whatever rematerialization recomputes.
 """
 
 from __future__ import annotations
@@ -46,17 +47,18 @@ def block_flops(tokens: int, width: int, mlp_ratio: int) -> int:
     return 2 * tokens * width * width * (4 + 2 * mlp_ratio) + 4 * tokens * tokens * width
 
 
-def patch_embed_flops(enc: EncoderConfig) -> int:
-    return 2 * enc.num_patches * 3 * enc.patch_size**2 * enc.width
+def patch_embed_flops(enc: EncoderConfig, patches: int) -> int:
+    return 2 * patches * 3 * enc.patch_size**2 * enc.width
 
 
 def forward_flops(config: MAEConfig, mask_ratio: float) -> int:
     """Forward matmul FLOPs of the MAE on one image."""
     enc = config.encoder
     patches, patch_dim = enc.num_patches, 3 * enc.patch_size**2
-    encoder_tokens = 1 + (patches if config.mask_tokens_in_encoder else num_kept(patches, mask_ratio))
+    embedded = patches if config.mask_tokens_in_encoder else num_kept(patches, mask_ratio)  # MAE: visible only
+    encoder_tokens = 1 + embedded
     return (
-        patch_embed_flops(enc)
+        patch_embed_flops(enc, embedded)
         + enc.depth * block_flops(encoder_tokens, enc.width, enc.mlp_ratio)
         + 2 * encoder_tokens * enc.width * config.decoder_width  # decoder embedding
         + config.decoder_depth * block_flops(1 + patches, config.decoder_width, enc.mlp_ratio)
@@ -72,6 +74,7 @@ def train_flops(config: MAEConfig, mask_ratio: float, batch_size: int) -> int:
 def classifier_train_flops(config: ClassifierConfig, batch_size: int) -> int:
     """Model FLOPs of one fine-tuning or linear-probing step. A probe's frozen encoder runs forward only."""
     enc = config.encoder
-    encoder = patch_embed_flops(enc) + enc.depth * block_flops(1 + enc.num_patches, enc.width, enc.mlp_ratio)
+    tokens = enc.num_patches
+    encoder = patch_embed_flops(enc, tokens) + enc.depth * block_flops(1 + tokens, enc.width, enc.mlp_ratio)
     head = 2 * enc.width * config.num_classes
     return (encoder * (1 if config.protocol == LINPROBE else 3) + 3 * head) * batch_size

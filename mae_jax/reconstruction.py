@@ -12,7 +12,8 @@ from flax import nnx
 from PIL import Image
 
 from mae_jax.input_pipeline import denormalize
-from mae_jax.models.mae import NORM_PIX_EPS, patchify, unpatchify
+from mae_jax.models.mae import NORM_PIX_EPS
+from mae_jax.models.vit import patchify, unpatchify
 
 COLUMNS = ("original", "masked", "reconstruction", "reconstruction + visible")
 

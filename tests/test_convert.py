@@ -13,6 +13,7 @@ from flax import nnx
 
 from mae_jax import checkpointing, convert
 from mae_jax.models.mae import MAE, MAEConfig
+from mae_jax.models.vit import patchify
 
 CONFIG = MAEConfig.from_variant("mu/8", 32, decoder_width=32, decoder_depth=1, decoder_heads=2)
 
@@ -89,7 +90,7 @@ def test_official_layout(model, official):
     np.testing.assert_array_equal(official["decoder_pos_embed"], np.asarray(model.decoder.pos_embed))
     # The converted conv weight computes the same patch tokens in PyTorch's NCHW convolution.
     images = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
-    ours = model.encoder.patch_embed(jnp.asarray(images))
+    ours = model.encoder.patch_embed(patchify(jnp.asarray(images), 8))
     theirs = torch.nn.functional.conv2d(
         torch.from_numpy(images).permute(0, 3, 1, 2),
         torch.from_numpy(official["patch_embed.proj.weight"]),

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mae_jax.models.mae import MAE, num_kept, patchify, random_masking, reconstruction_loss, unpatchify
+from mae_jax.models.mae import MAE, num_kept, random_masking, reconstruction_loss
+from mae_jax.models.vit import patchify, unpatchify
 
 
 @pytest.mark.parametrize("mask_ratio", [0.75, 0.6, 0.9])
@@ -15,13 +16,15 @@ def test_masking_invariants(mask_ratio: float):
     n, length = 3, 196
     noise = jax.random.uniform(jax.random.key(1), (n, length))
     tokens = jnp.broadcast_to(jnp.arange(length, dtype=jnp.float32)[None, :, None], (n, length, 2))
-    kept, mask, ids_restore = random_masking(tokens, noise, mask_ratio)
+    masking = random_masking(noise, mask_ratio)
+    kept, mask, ids_restore = masking.keep(tokens), masking.mask, masking.ids_restore
     len_keep = int(np.floor(length * (1 - mask_ratio)))
     assert kept.shape == (n, len_keep, 2) and num_kept(length, mask_ratio) == len_keep
     noise = np.asarray(noise)
     order = np.argsort(noise, axis=1)
     # the kept tokens are the ones with the smallest noise, in ascending-noise order
     np.testing.assert_array_equal(np.asarray(kept[:, :, 0]).astype(int), order[:, :len_keep])
+    np.testing.assert_array_equal(np.asarray(masking.ids_keep), order[:, :len_keep])
     # the mask is 1 exactly where the noise is not among the len_keep smallest
     threshold = np.sort(noise, axis=1)[:, len_keep - 1 : len_keep]
     np.testing.assert_array_equal(np.asarray(mask), (noise > threshold).astype(np.float32))
@@ -66,7 +69,7 @@ def test_loss_matches_numpy(norm_pix: bool):
     images = rng.normal(size=(n, 32, 32, 3)).astype(np.float32)
     pred = rng.normal(size=(n, 16, p * p * 3)).astype(np.float32)
     mask = (rng.random((n, 16)) < 0.75).astype(np.float32)
-    got = float(reconstruction_loss(images, pred, mask, p, norm_pix))
+    got = float(reconstruction_loss(patchify(images, p), pred, mask, norm_pix))
     np.testing.assert_allclose(got, numpy_loss(images, pred, mask, p, norm_pix), rtol=2e-6)
 
 

@@ -7,7 +7,8 @@ import numpy as np
 from flax import nnx
 
 from mae_jax import reconstruction
-from mae_jax.models.mae import MAE, patchify
+from mae_jax.models.mae import MAE
+from mae_jax.models.vit import patchify
 
 
 def test_panels_and_grid(tiny_model: MAE):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 from typing import NamedTuple
 
-import einops
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -18,6 +17,7 @@ from mae_jax.models.vit import (
     FixedEmbedding,
     layer_norm,
     linear,
+    patchify,
     run_blocks,
     sincos_2d,
     token_init,
@@ -61,42 +61,31 @@ class MAEOutput(NamedTuple):
 
 
 class Masking(NamedTuple):
-    kept: jax.Array  # (N, len_keep, D) tokens in ascending-noise order
+    ids_keep: jax.Array  # (N, len_keep) grid indices of the kept patches, in ascending-noise order
     mask: jax.Array  # (N, L)
     ids_restore: jax.Array  # (N, L) position of each image-order token in the shuffled order
+
+    def keep(self, per_patch: jax.Array) -> jax.Array:
+        """(N, L, D) -> (N, len_keep, D): the kept patches' rows, in ascending-noise order."""
+        return jnp.take_along_axis(per_patch, self.ids_keep[:, :, None], axis=1)
 
 
 def num_kept(num_patches: int, mask_ratio: float) -> int:
     return int(num_patches * (1 - mask_ratio))
 
 
-def random_masking(tokens: jax.Array, noise: jax.Array, mask_ratio: float) -> Masking:
-    """Keep the tokens with the smallest noise, as the official `random_masking` does."""
-    length = tokens.shape[1]
-    len_keep = num_kept(length, mask_ratio)
+def random_masking(noise: jax.Array, mask_ratio: float) -> Masking:
+    """Keep the patches with the smallest noise, as the official `random_masking` does."""
+    len_keep = num_kept(noise.shape[1], mask_ratio)
     ids_shuffle = jnp.argsort(noise, axis=1)
     ids_restore = jnp.argsort(ids_shuffle, axis=1)
-    kept = jnp.take_along_axis(tokens, ids_shuffle[:, :len_keep, None], axis=1)
     mask = (ids_restore >= len_keep).astype(jnp.float32)  # float32 also under bfloat16: the loss sums it
-    return Masking(kept, mask, ids_restore)
+    return Masking(ids_shuffle[:, :len_keep], mask, ids_restore)
 
 
-def patchify(images: jax.Array, patch_size: int) -> jax.Array:
-    """NHWC images -> (N, L, p*p*3), each patch ordered row-in-patch, column-in-patch, channel."""
-    return einops.rearrange(images, "n (h p) (w q) c -> n (h w) (p q c)", p=patch_size, q=patch_size)
-
-
-def unpatchify(patches: jax.Array, patch_size: int) -> jax.Array:
-    """(N, L, p*p*3) -> NHWC images; the inverse of `patchify` for square grids."""
-    grid = round(patches.shape[1] ** 0.5)
-    return einops.rearrange(patches, "n (h w) (p q c) -> n (h p) (w q) c", h=grid, w=grid, p=patch_size, q=patch_size)
-
-
-def reconstruction_loss(
-    images: jax.Array, pred: jax.Array, mask: jax.Array, patch_size: int, norm_pix: bool
-) -> jax.Array:
-    """Per-patch MSE averaged over removed patches of the whole batch; norm-pix uses unbiased variance."""
-    target = patchify(images, patch_size)
+def reconstruction_loss(target: jax.Array, pred: jax.Array, mask: jax.Array, norm_pix: bool) -> jax.Array:
+    """Per-patch MSE against the (N, L, p*p*3) pixel patches, averaged over removed patches of the whole
+    batch; norm-pix uses unbiased variance."""
     if norm_pix:
         mean = target.mean(axis=-1, keepdims=True)
         var = target.var(axis=-1, keepdims=True, ddof=1)
@@ -166,15 +155,16 @@ class MAE(nnx.Module):
             if key is None:
                 raise ValueError("MAE needs the masking noise or a PRNG key to draw it: pass noise= or key=")
             noise = self.draw_noise(key, images.shape[0])
-        patch_size = self.config.encoder.patch_size
-        tokens = self.encoder.embed_patches(images)
-        masking = random_masking(tokens, noise, mask_ratio)
+        patches = patchify(images, self.config.encoder.patch_size)
+        masking = random_masking(noise, mask_ratio)
         if self.config.mask_tokens_in_encoder:
+            tokens = self.encoder.embed_patches(patches)
             mask_tokens = (self.encoder_mask_token + self.encoder.pos_embed[:, 1:]).astype(tokens.dtype)
             latent = self.encoder.encode(jnp.where(masking.mask[:, :, None] > 0, mask_tokens, tokens))
             pred = self.decoder(latent, None)
         else:
-            latent = self.encoder.encode(masking.kept)
+            # Patches embed independently: embedding only the visible ones gives the official tokens.
+            latent = self.encoder.encode(self.encoder.embed_patches(masking.keep(patches), masking.ids_keep))
             pred = self.decoder(latent, masking.ids_restore)
-        loss = reconstruction_loss(images, pred, masking.mask, patch_size, self.config.norm_pix_loss)
+        loss = reconstruction_loss(patches, pred, masking.mask, self.config.norm_pix_loss)
         return MAEOutput(loss, pred, masking.mask, latent)
