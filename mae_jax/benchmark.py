@@ -32,6 +32,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -400,9 +401,12 @@ def main(argv: list[str]) -> None:
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     if retain_freed_memory():
         print("glibc malloc: one arena, no mmap, no trimming (freed memory is kept for the next step)")
-    benchmark(
-        FLAGS.config, FLAGS.rounds, FLAGS.baseline, FLAGS.torch, peak=FLAGS.peak_tflops, profile_dir=FLAGS.profile
-    )
+    try:
+        benchmark(
+            FLAGS.config, FLAGS.rounds, FLAGS.baseline, FLAGS.torch, peak=FLAGS.peak_tflops, profile_dir=FLAGS.profile
+        )
+    except configuration.ConfigError as error:
+        sys.exit(f"error: {error}")
 
 
 def define_flags() -> None:
@@ -418,4 +422,4 @@ def define_flags() -> None:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    app.run(main, flags_parser=configuration.parse_flags)

@@ -1,7 +1,8 @@
 """Orbax checkpoints: the full train state in a workdir, and standalone parameter directories.
 
 A parameter directory holds `model.json` (the model config) and `params/` (an Orbax pytree of the
-model's parameters and fixed position tables). It is what `convert` reads and writes.
+model's parameters and fixed position tables). It is what `convert` reads and writes. The encoder a
+pretraining run exports (`export_encoder`) also has `step.json`, the training step it holds.
 """
 
 from __future__ import annotations
@@ -10,9 +11,12 @@ import json
 import signal
 from typing import Any
 
-import grain
 import jax
+import ml_collections
+import numpy as np
+import optax
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
 from flax import nnx
 
@@ -21,6 +25,7 @@ from mae_jax.models.vit import Encoder
 
 MODEL_CONFIG_FILE = "model.json"
 PARAMS_DIR = "params"
+EXPORT_STEP_FILE = "step.json"  # next to an exported encoder: the training step it holds
 
 
 def abstract_model_state(config: MAEConfig) -> nnx.State:
@@ -59,10 +64,41 @@ def load_params(directory: str | epath.Path) -> tuple[MAEConfig, nnx.State]:
     return config, state
 
 
-def export_encoder(directory: str | epath.Path, config: MAEConfig, params: nnx.State, fixed: nnx.State) -> None:
-    """The pretrained encoder alone (parameters and position table): the input of fine-tuning and `convert`."""
+def exported_step(directory: str | epath.Path) -> int | None:
+    """The training step of the encoder exported to `directory`; None when there is none or it has no record."""
+    directory = epath.Path(directory)
+    if not (directory / PARAMS_DIR).exists() or not (directory / EXPORT_STEP_FILE).exists():
+        return None
+    return int(json.loads((directory / EXPORT_STEP_FILE).read_text())["step"])
+
+
+def export_encoder(
+    directory: str | epath.Path, config: MAEConfig, params: nnx.State, fixed: nnx.State, *, step: int
+) -> None:
+    """The pretrained encoder alone (parameters and position table) of training `step`: the input of
+    fine-tuning and `convert`. It replaces an earlier export whole.
+
+    The export is written to a sibling directory and renamed into place once complete, so a crash while
+    writing leaves the previous export as it was (a crash between the two renames leaves it in `.NAME.old`).
+    """
+    directory = epath.Path(directory)
+    staging, retired = (directory.parent / f".{directory.name}.{suffix}" for suffix in ("tmp", "old"))
+    primary = jax.process_index() == 0
+    if primary and staging.exists():  # a crashed export's leftovers
+        staging.rmtree()
+    ocp.multihost.sync_global_processes(f"export_encoder_{step}_staging")  # every host writes its part
     encoder = nnx.merge_state(nnx.State({"encoder": params["encoder"]}), nnx.State({"encoder": fixed["encoder"]}))
-    save_params(directory, config, encoder)
+    save_params(staging, config, encoder)
+    if primary:
+        (staging / EXPORT_STEP_FILE).write_text(json.dumps({"step": step}))
+        if retired.exists():
+            retired.rmtree()
+        if directory.exists():
+            directory.rename(retired)
+        staging.rename(directory)
+        if retired.exists():
+            retired.rmtree()
+    ocp.multihost.sync_global_processes(f"export_encoder_{step}_done")
 
 
 def load_encoder(directory: str | epath.Path) -> Encoder:
@@ -113,27 +149,99 @@ def make_manager(workdir: epath.Path, keep: int) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(workdir.absolute() / "checkpoints", options=options)
 
 
+def _saved_config(manager: ocp.CheckpointManager, step: int) -> dict:
+    """The config saved with `step`: a `run_record`, or a plain config where mae_jax <= 07cd2d5 wrote it."""
+    return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+
+
+def _lookup(tree: dict, dotted: str) -> Any:
+    """tree["a"]["b"] for "a.b"; None where a part is missing."""
+    for part in dotted.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
+
+
 def check_same_model(manager: ocp.CheckpointManager, config: dict) -> None:
     """Refuse to resume (and later overwrite) a workdir whose newest checkpoint is of another model."""
     step = manager.latest_step()
     if step is None:
         return
-    saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
-
-    def lookup(tree: dict, dotted: str) -> Any:
-        for part in dotted.split("."):
-            tree = tree.get(part) if isinstance(tree, dict) else None
-        return tree
-
+    saved = _saved_config(manager, step)
     differences = [
-        f"{key}: {lookup(saved, key)!r} in the checkpoint, {lookup(config, key)!r} now"
+        f"{key}: {_lookup(saved, key)!r} in the checkpoint, {_lookup(config, key)!r} now"
         for key in MODEL_KEYS
-        if lookup(saved, key) != lookup(config, key)
+        if _lookup(saved, key) != _lookup(config, key)
     ]
     if differences:
         raise CheckpointError(
             f"{manager.directory} holds step {step} of a different model ({'; '.join(differences)}); "
             "use another --workdir, or the checkpoint's settings to resume it"
+        )
+
+
+# The run's recipe: changed across a resume, step k would no longer be the saved run's step k (another data
+# order or position, masking noise, loss, learning rate or update rule), so a resume must keep them. Every
+# other key may change: intervals, input threads, mesh, compute dtype, attention, remat, grad_accum_steps
+# (the same batch gradient), skip_nonfinite_steps, profiling, kNN, evaluation, init, dataset.data_dir.
+RUN_KEYS = (
+    "seed",
+    "batch_size",
+    "dataset.source",
+    "dataset.name",
+    "dataset.split",
+    "dataset.num_train",
+    "mask_ratio",
+    "model.mask_tokens_in_encoder",
+    "model.norm_pix_loss",
+    "model.drop_path",
+    "base_lr",
+    "min_lr",
+    "weight_decay",
+    "b1",
+    "b2",
+    "layer_decay",
+    "augment.rand_augment",
+    "augment.mixup",
+    "augment.cutmix",
+    "augment.mixup_switch_prob",
+    "augment.label_smoothing",
+    "augment.random_erasing",
+)
+# What the config resolves to on the run's data, saved beside it: epochs become steps through the dataset size.
+RESOLVED_KEY = "resolved"
+RESOLVED_NAMES = {
+    "num_examples": "training examples",
+    "total_steps": "total steps (from num_epochs or total_steps)",
+    "warmup_steps": "warmup steps (from warmup_epochs or warmup_steps)",
+}
+
+
+def run_record(config: ml_collections.ConfigDict, *, num_examples: int, total_steps: int, warmup_steps: int) -> dict:
+    """The config a checkpoint saves: the run's config with what it resolved to (`RESOLVED_KEY`)."""
+    resolved = {"num_examples": num_examples, "total_steps": total_steps, "warmup_steps": warmup_steps}
+    return config.to_dict() | {RESOLVED_KEY: resolved}
+
+
+def check_same_run(manager: ocp.CheckpointManager, record: dict) -> None:
+    """Refuse to resume a workdir whose newest checkpoint has another recipe (`RUN_KEYS`, `RESOLVED_NAMES`).
+
+    `record` is this run's `run_record`. A key the checkpoint's config lacks (saved before it existed)
+    counts as unchanged.
+    """
+    step = manager.latest_step()
+    if step is None:
+        return
+    saved = _saved_config(manager, step)
+    labels = {key: key for key in RUN_KEYS} | {f"{RESOLVED_KEY}.{k}": name for k, name in RESOLVED_NAMES.items()}
+    differences = [
+        f"{label}: {_lookup(saved, key)!r} in the checkpoint, {_lookup(record, key)!r} now"
+        for key, label in labels.items()
+        if _lookup(saved, key) is not None and _lookup(saved, key) != _lookup(record, key)
+    ]
+    if differences:
+        raise CheckpointError(
+            f"{manager.directory} holds step {step} of a run with other settings ({'; '.join(differences)}); "
+            "a resumed run must keep them: use the checkpoint's values, or another --workdir"
         )
 
 
@@ -162,39 +270,56 @@ class PreemptionWatch:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-class DataState:
-    """A data-iterator state taken with its batch; grain's Orbax handler writes one file per process."""
+def save(manager: ocp.CheckpointManager, step: int, state, config: dict) -> None:
+    """Start an async save of the train state, the data position and the config.
 
-    def __init__(self, state: dict | None = None):
-        self.state = state
-
-    def get_state(self) -> bytes:
-        return json.dumps(self.state).encode()
-
-    def set_state(self, state: bytes) -> None:
-        self.state = json.loads(state)
-
-    def start_prefetch(self) -> None:
-        """grain's handler calls this after `set_state`; a snapshot has nothing to start."""
-
-
-def save(manager: ocp.CheckpointManager, step: int, state, data_state: dict, config: dict) -> None:
-    """Start an async save of the train state, every host's data-iterator state and the config."""
+    The data position is global: the `step * batch_size` examples of the training stream read so far
+    (`input_pipeline.train_dataset`), the same on every host and for any host count. It is written for
+    the record; a restore derives it from the step.
+    """
     args = ocp.args.Composite(
         state=ocp.args.StandardSave(state),
-        data=grain.checkpoint.CheckpointSave(DataState(data_state)),
+        data=ocp.args.JsonSave({"position": step * config["batch_size"]}),
         config=ocp.args.JsonSave(config),
     )
     manager.save(step, args=args)
 
 
-def restore_latest(manager: ocp.CheckpointManager, abstract_state) -> tuple[Any, dict] | None:
-    """The newest complete (train state, this host's data-iterator state), placed as `abstract_state` says."""
+def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any) -> Any:
+    """The newest complete train state, placed as `abstract_state` says, or None in an empty workdir.
+
+    The data stream resumes at position `step * batch_size`; the "data" item is not read, so a checkpoint
+    restores on any number of hosts, also one whose "data" holds grain's per-process iterator states.
+    """
     step = manager.latest_step()
     if step is None:
         return None
-    args = ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(DataState())
-    )
-    restored = manager.restore(step, args=args)
-    return restored.state, restored.data.state
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+    return manager.restore(step, args=args).state
+
+
+def restore_train_state(manager: ocp.CheckpointManager, abstract_state: Any) -> Any:
+    """`restore_latest`, also of a workdir whose optimizer state lacks `optax.apply_if_finite`'s counters.
+
+    The optimizer state always has apply_if_finite's layout now (`optim._skip_nonfinite`); mae_jax up to
+    07cd2d5 saved the bare optimizer state when skip_nonfinite_steps was 0. Such a checkpoint restores as the
+    inner state, with the counters at their initial values.
+    """
+    step = manager.latest_step()
+    target = abstract_state.opt_state
+    if step is None or not isinstance(target, optax.ApplyIfFiniteState):
+        return restore_latest(manager, abstract_state)
+    path = ocp.step.build_step_path(manager.directory, ocp.step.standard_name_format(), step) / "state"
+    with ocp.StandardCheckpointer() as checkpointer:
+        saved = checkpointer.metadata(path).item_metadata["opt_state"]
+    if isinstance(saved, dict) and "inner_state" in saved:
+        return restore_latest(manager, abstract_state)
+    state = restore_latest(manager, abstract_state.replace(opt_state=target.inner_state))
+
+    def place(value: jax.Array, like: jax.ShapeDtypeStruct) -> jax.Array:  # as the target says, on every host
+        return jax.make_array_from_callback(like.shape, like.sharding, lambda index: np.asarray(value)[index])
+
+    initial = optax.apply_if_finite(optax.identity(), 0).init({})._replace(inner_state=None)
+    counters = jax.tree.map(place, initial, target._replace(inner_state=None))
+    logging.info("Step %d holds the optimizer state without apply_if_finite's counters (mae_jax <= 07cd2d5)", step)
+    return state.replace(opt_state=counters._replace(inner_state=state.opt_state))

@@ -1,13 +1,19 @@
 """Every config key with its default, and the checks that run before anything compiles.
 
 Config files in `configs/` start from `base_config()` and change what their recipe needs; a key that is
-not defined here is an error, so a typo never silently falls back to a default.
+not defined here is an error, so a typo never silently falls back to a default. The command lines read
+them with `parse_flags`, which reports a bad --config path or override in one line.
 """
 
 from __future__ import annotations
 
+import re
+import sys
+import types
+
 import jax
 import ml_collections
+from absl import app, flags
 from ml_collections import config_dict
 
 from mae_jax import sharding
@@ -90,7 +96,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.knn.every_steps = 0  # > 0: kNN top-1 of the encoder's features every that many steps (and at the end)
     config.knn.train_split = "train"  # labeled examples the neighbours come from (same dataset.source/name)
     config.knn.eval_split = "test"
-    config.knn.num_train = 10000  # the first that many examples of each split
+    # that many examples of each split, drawn with `seed`: stratified by class for folder and fashion_mnist,
+    # uniform for tfds (its labels sit in the records); the same subsets at every evaluation
+    config.knn.num_train = 10000
     config.knn.num_eval = 2000
     config.knn.k = 20
     config.knn.temperature = 0.07  # neighbour weight exp(cosine similarity / temperature)
@@ -113,7 +121,9 @@ def downstream_config(task: str) -> ml_collections.ConfigDict:
         del config.model[key]
     config.task = task
     config.dataset.eval_split = "validation"  # top-1/top-5 are measured on it
-    config.dataset.num_train = -1  # > 0: train on the first that many examples only (few-label experiments)
+    # > 0: train on that many examples only (few-label experiments), drawn with `seed`: stratified by class
+    # for folder and fashion_mnist, uniform for tfds; the same subset on every host and after a restart
+    config.dataset.num_train = -1
     config.num_classes = 1000
     # The encoder to start from: a parameter directory (e.g. WORKDIR/encoder of a pretraining run), a
     # pretraining workdir (its newest checkpoint) or an official .pth; "" starts from random init.
@@ -278,3 +288,32 @@ def _validate_downstream(config: ml_collections.ConfigDict) -> None:
         raise ConfigError("dataset.source='demo' has no labels: fine-tuning and linear probing need a labeled dataset")
     if config.grad_accum_steps != 1:
         raise ConfigError(f"grad_accum_steps={config.grad_accum_steps}: fine-tuning and linear probing take 1 only")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's parser for a program with a `--config` file flag, whose failures are one line, not a traceback.
+
+    ml_collections raises a config file's load error (a missing path) only when the config is first used:
+    here, at parse time. A file without `get_config()`, a `get_config()` that returns no ConfigDict and a
+    bad `--config.key` override are one line too.
+    """
+    try:
+        remaining = app.parse_flags_with_usage(argv)
+        config = flags.FLAGS.config
+        if not isinstance(config, ml_collections.ConfigDict):
+            getattr(config, "lock", None)  # a file that could not be loaded raises its error here
+            path = flags.FLAGS["config"].config_filename
+            sys.exit(f"error: get_config() of the --config file {path} returned {config!r}, not a ConfigDict")
+    except OSError as error:  # ml_collections' message ends with the cause, e.g. "[Errno 2] No such file ..."
+        sys.exit(f"error: cannot load the --config file: {str(error).strip().splitlines()[-1].strip()}")
+    except (AttributeError, KeyError) as error:
+        module = getattr(error, "obj", None)
+        if isinstance(module, types.ModuleType):
+            sys.exit(f"error: the --config file {module.__file__} defines no {error.name}()")
+        message = str(error.args[0] if error.args else error)  # ml_collections escapes quotes and newlines
+        message = re.sub(r"[\\']", "", message.replace("\\n", "; "))
+        sys.exit(f"error: bad config override: unknown key {message}")
+    return remaining

@@ -5,21 +5,28 @@ of module, which fixes the parameter names and the axis permutation. Both direct
 
     python -m mae_jax.convert import mae_visualize_vit_base.pth /tmp/mae_b16 [--variant B/16] [--no-norm-pix-loss]
     python -m mae_jax.convert export /tmp/mae_b16 /tmp/mae_b16.pth [--encoder-only]
+
+`.pth` files need PyTorch (not a dependency); `.safetensors` files, in the same key layout, need only numpy.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import math
 import re
+import sys
+import types
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import safetensors.numpy
 from absl import logging
+from etils import epath
 from flax import nnx
 
 from mae_jax import checkpointing
@@ -313,29 +320,99 @@ def _warn_on_unusual_position_tables(pure: dict, config: MAEConfig) -> None:
             logging.warning("The %s position table differs from the sin-cos table by up to %.3g", part, error)
 
 
-def load_pth(path: str) -> dict[str, np.ndarray]:
-    """An official `.pth` file's state_dict (its 'model' entry if present), without unpickling code."""
-    import torch
+# ---------------------------------------------------------------------------------------------------
+# Files: official .pth (needs PyTorch) and .safetensors (numpy only), both in the official key layout
+# ---------------------------------------------------------------------------------------------------
+SAFETENSORS_SUFFIX = ".safetensors"
 
-    with torch.serialization.safe_globals([argparse.Namespace]):  # training checkpoints also hold their `args`
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    state_dict = checkpoint.get("model", checkpoint)
+
+class ConvertError(ValueError):
+    """A file that cannot be read or written as asked; the message is one line saying why."""
+
+
+def _import_torch() -> types.ModuleType:
+    """torch, which only .pth files need (it is not a dependency of mae_jax)."""
+    try:
+        import torch
+    except ImportError:
+        raise ConvertError(
+            ".pth files need PyTorch, which is not installed: `pip install torch` (or use a .safetensors file)"
+        ) from None
+    return torch
+
+
+def torch_available() -> bool:
+    """Whether .pth files can be read and written here."""
+    try:
+        _import_torch()
+    except ConvertError:
+        return False
+    return True
+
+
+def _read_bytes(path: str | epath.Path) -> bytes:
+    path = epath.Path(path)
+    if not path.is_file():
+        raise ConvertError(f"{path} does not exist")
+    return path.read_bytes()
+
+
+def load_pth(path: str | epath.Path) -> dict[str, np.ndarray]:
+    """An official `.pth` file's state_dict (its 'model' entry if present), without unpickling code."""
+    torch = _import_torch()
+    data = _read_bytes(path)
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):  # training checkpoints also hold their `args`
+            checkpoint = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError, KeyError... for other files
+        raise ConvertError(
+            f"{path} is not a PyTorch checkpoint that loads without running code ({type(error).__name__})"
+        ) from error
+    state_dict = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else checkpoint
+    if not isinstance(state_dict, dict) or not all(isinstance(value, torch.Tensor) for value in state_dict.values()):
+        raise ConvertError(f"{path} holds no state_dict (a dict of tensors, alone or under 'model')")
     return {key: _to_numpy(value) for key, value in state_dict.items()}
 
 
-def save_pth(path: str, state_dict: Mapping[str, np.ndarray]) -> None:
+def save_pth(path: str | epath.Path, state_dict: Mapping[str, np.ndarray]) -> None:
     """Write `{'model': state_dict}` as the official code does, with contiguous float32 tensors."""
-    import torch
-
+    torch = _import_torch()
     model = {key: torch.tensor(np.asarray(value, dtype=np.float32)).contiguous() for key, value in state_dict.items()}
-    torch.save({"model": model}, path)
+    buffer = io.BytesIO()
+    torch.save({"model": model}, buffer)
+    epath.Path(path).write_bytes(buffer.getvalue())
+
+
+def load_safetensors(path: str | epath.Path) -> dict[str, np.ndarray]:
+    """A `.safetensors` file's arrays: a state_dict in the official layout, as `save_safetensors` writes it."""
+    data = _read_bytes(path)
+    try:
+        return dict(safetensors.numpy.load(data))
+    except Exception as error:  # SafetensorError, or a numpy dtype error for bfloat16 files
+        raise ConvertError(f"{path} is not a .safetensors file numpy can read ({type(error).__name__})") from error
+
+
+def save_safetensors(path: str | epath.Path, state_dict: Mapping[str, np.ndarray]) -> None:
+    """The flat state_dict as contiguous float32 arrays (timm's and transformers' layout); needs no PyTorch."""
+    arrays = {key: np.ascontiguousarray(value, dtype=np.float32) for key, value in state_dict.items()}
+    epath.Path(path).write_bytes(safetensors.numpy.save(arrays, metadata={"format": "pt"}))
+
+
+def load_state_dict(path: str | epath.Path) -> dict[str, np.ndarray]:
+    """An official-layout state_dict from a `.safetensors` file, or else from a `.pth` file."""
+    return load_safetensors(path) if str(path).endswith(SAFETENSORS_SUFFIX) else load_pth(path)
+
+
+def save_state_dict(path: str | epath.Path, state_dict: Mapping[str, np.ndarray]) -> None:
+    """Write a `.safetensors` file when the name ends so, else an official `.pth` file."""
+    (save_safetensors if str(path).endswith(SAFETENSORS_SUFFIX) else save_pth)(path, state_dict)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m mae_jax.convert", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    importer = commands.add_parser("import", help="official .pth -> mae_jax parameter directory")
-    importer.add_argument("pth")
+    importer = commands.add_parser("import", help="official .pth or .safetensors -> mae_jax parameter directory")
+    importer.add_argument("checkpoint", help="an official .pth (needs PyTorch) or a .safetensors file")
     importer.add_argument("out_dir")
     importer.add_argument("--variant", help="e.g. B/16; inferred from the file when left out")
     importer.add_argument("--image-size", type=int, help="inferred from the position table when left out")
@@ -348,15 +425,21 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="the loss the file was trained with (mae_visualize_* files: --no-norm-pix-loss)",
     )
     importer.add_argument("--decoder-seed", type=int, default=0, help="decoder init for encoder-only files")
-    exporter = commands.add_parser("export", help="mae_jax parameter directory -> official .pth")
+    exporter = commands.add_parser("export", help="mae_jax parameter directory -> official .pth or .safetensors")
     exporter.add_argument("params_dir")
-    exporter.add_argument("out_pth")
+    exporter.add_argument("out_file", help="NAME.safetensors (no PyTorch needed) or NAME.pth")
     exporter.add_argument("--encoder-only", action="store_true", help="leave out the decoder")
     args = parser.parse_args(argv)
     logging.set_verbosity(logging.INFO)
+    try:
+        _run(args)
+    except (ValueError, OSError) as error:  # ConvertError, key/shape mismatches, missing or existing directories
+        sys.exit(f"error: {error}")
 
+
+def _run(args: argparse.Namespace) -> None:
     if args.command == "import":
-        state_dict = load_pth(args.pth)
+        state_dict = load_state_dict(args.checkpoint)
         config = infer_config(
             state_dict,
             variant=args.variant,
@@ -367,12 +450,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
         state = from_official(state_dict, config, decoder_seed=args.decoder_seed)
         checkpointing.save_params(args.out_dir, config, state)
-        logging.info("Wrote %s from %s to %s", describe(config), args.pth, args.out_dir)
+        logging.info("Wrote %s from %s to %s", describe(config), args.checkpoint, args.out_dir)
     else:
         config, state = checkpointing.load_params(args.params_dir)
         encoder_only = args.encoder_only or "decoder" not in state  # e.g. the encoder a pretraining run exports
-        save_pth(args.out_pth, to_official(state, encoder_only=encoder_only))
-        logging.info("Wrote %s%s to %s", describe(config), " (encoder only)" * encoder_only, args.out_pth)
+        save_state_dict(args.out_file, to_official(state, encoder_only=encoder_only))
+        logging.info("Wrote %s%s to %s", describe(config), " (encoder only)" * encoder_only, args.out_file)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@
 
 The loop has the pretraining loop's behaviour (async checkpoints with the data position, automatic
 resume, preemption, the non-finite guard) and adds top-1/top-5 evaluation on `dataset.eval_split`. At the
-end the classifier is written as `WORKDIR/classifier.pth` in the official (timm) layout.
+end the classifier is written as `WORKDIR/classifier.safetensors` in the official (timm) layout, and as
+`WORKDIR/classifier.pth` too when PyTorch is installed.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from absl import logging
 from clu import metric_writers
@@ -34,10 +36,11 @@ from mae_jax import (
     sharding,
 )
 from mae_jax.models.classifier import FINETUNE, Classifier, ClassifierConfig
-from mae_jax.models.vit import Compute, EncoderConfig
+from mae_jax.models.vit import Compute, EncoderConfig, resize_position_table
 from mae_jax.train import Bookkeeper, TrainState, schedule_steps
 
-CLASSIFIER_FILE = "classifier.pth"
+CLASSIFIER_FILE = "classifier.safetensors"  # the official (timm) state_dict; needs no PyTorch
+CLASSIFIER_PTH_FILE = "classifier.pth"  # the same as the official code saves it, when PyTorch is installed
 
 
 def classifier_config(config: ml_collections.ConfigDict) -> ClassifierConfig:
@@ -58,16 +61,19 @@ def trained_filter(protocol: str) -> nnx.filterlib.Filter:
 
 
 def pretrained_encoder(path: str, model_config: ClassifierConfig) -> nnx.State:
-    """The encoder parameters stored at `path`, checked against the classifier's encoder.
+    """The classifier encoder's parameters from the encoder stored at `path`, checked against its shapes.
 
-    Position tables are not taken from the file: they are the fixed sin-cos tables of the classifier's own
-    image size, so fine-tuning at another resolution than pretraining needs no interpolation.
+    The position table is the file's, trained from there on as in the official fine-tuning; for another
+    image size than pretraining it is resampled as the official `interpolate_pos_embed` does.
     """
     pretrained_config, state = pretrained.load(path)
-    params = nnx.State(state["encoder"]).filter(nnx.Param)
+    encoder = nnx.State(state["encoder"])
+    pure = nnx.to_pure_dict(nnx.filter_state(encoder, nnx.Param))
+    table = np.asarray(nnx.to_pure_dict(encoder)["pos_embed"])
+    pure["pos_embed"] = resize_position_table(table, model_config.encoder.grid_size)
     expected = nnx.eval_shape(lambda: Classifier(model_config, rngs=nnx.Rngs(0))).encoder
     expected = nnx.state(expected, nnx.Param)
-    shapes = {path: leaf.shape for path, leaf in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(params))}
+    shapes = {path: leaf.shape for path, leaf in jax.tree_util.tree_leaves_with_path(pure)}
     wanted = {path: leaf.shape for path, leaf in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(expected))}
     if shapes != wanted:
         found, wanted_encoder = pretrained_config.encoder, model_config.encoder
@@ -76,7 +82,11 @@ def pretrained_encoder(path: str, model_config: ClassifierConfig) -> nnx.State:
             f"model.variant asks for width {wanted_encoder.width}, depth {wanted_encoder.depth} and patch "
             f"{wanted_encoder.patch_size}"
         )
-    return params
+    old_grid, new_grid = pretrained_config.encoder.grid_size, model_config.encoder.grid_size
+    if old_grid != new_grid:
+        logging.info("Position table resampled (bicubic) from %dx%d to %dx%d", old_grid, old_grid, new_grid, new_grid)
+    nnx.replace_by_pure_dict(expected, jax.tree.map(jnp.asarray, pure))
+    return expected
 
 
 def init_train_state(
@@ -168,11 +178,32 @@ def evaluate(eval_step: Callable, state: TrainState, source, config: ml_collecti
     """Top-1 and top-5 accuracy (%) over the whole eval split, every host reading its own part."""
     batch_sharding = sharding.batch_sharding(mesh)
     totals = {"top1": 0, "top5": 0, "count": 0}
-    for batch in input_pipeline.eval_batches(source, config.image_size, config.eval_batch_size):
+    batches = input_pipeline.eval_batches(
+        source, config.image_size, config.eval_batch_size, num_classes=config.num_classes
+    )
+    for batch in batches:
         arrays = [jax.make_array_from_process_local_data(batch_sharding, batch[k]) for k in ("image", "label", "valid")]
         counts = jax.device_get(eval_step(state.params, state.fixed, *arrays))
         totals = {k: totals[k] + int(counts[k]) for k in totals}
     return {k: 100 * totals[k] / max(totals["count"], 1) for k in ("top1", "top5")}
+
+
+def export_classifier(workdir: epath.Path, model: Classifier) -> list[epath.Path]:
+    """`classifier.safetensors` in the official (timm) layout, and `classifier.pth` when PyTorch is installed.
+
+    Neither needs the run to have PyTorch: mae_jax does not depend on it, and a run that finished training
+    must not fail at its last line. Returns the files written.
+    """
+    state_dict = convert.classifier_to_official(nnx.state(model))
+    convert.save_safetensors(workdir / CLASSIFIER_FILE, state_dict)
+    written = [workdir / CLASSIFIER_FILE]
+    if convert.torch_available():
+        convert.save_pth(workdir / CLASSIFIER_PTH_FILE, state_dict)
+        written.append(workdir / CLASSIFIER_PTH_FILE)
+    else:
+        logging.info("PyTorch is not installed: no %s (`pip install torch` to get one)", CLASSIFIER_PTH_FILE)
+    logging.info("Wrote the classifier to %s", ", ".join(map(str, written)))
+    return written
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -192,11 +223,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     encoder = pretrained_encoder(config.init, model_config) if config.init else None
     source = input_pipeline.make_source(config.dataset)
     if config.dataset.num_train > 0:
-        source = input_pipeline.first(source, config.dataset.num_train)
+        source = input_pipeline.sample_subset(source, config.dataset.num_train, config.seed)
     eval_dataset = config.dataset.copy_and_resolve_references()
     eval_dataset.split = config.dataset.eval_split
     eval_source = input_pipeline.make_source(eval_dataset)
+    input_pipeline.check_labels(source, config.num_classes)
+    input_pipeline.check_labels(eval_source, config.num_classes)
     total_steps, warmup_steps = schedule_steps(config, len(source))
+    record = checkpointing.run_record(
+        config, num_examples=len(source), total_steps=total_steps, warmup_steps=warmup_steps
+    )
+    checkpointing.check_same_run(manager, record)
     lr_schedule = optim.schedule(config, total_steps, warmup_steps)
     tx = make_optimizer(config, model_config, lr_schedule)
 
@@ -217,20 +254,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     abstract_state = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, state_sharding
     )
-    skipped = input_pipeline.SkippedImages()
-    transform = functools.partial(
-        input_pipeline.finetune_transform, size=config.image_size, rand_augment=config.augment.rand_augment
-    )
-    data_iterator = iter(input_pipeline.train_dataset(source, config, skipped, transform=transform))
-    restored = checkpointing.restore_latest(manager, abstract_state)
-    if restored is None:
+    state = checkpointing.restore_train_state(manager, abstract_state)
+    if state is None:
         init = jax.jit(functools.partial(init_train_state, model_config, tx, config.seed), out_shardings=state_sharding)
         state = init(encoder)
     else:
-        state, data_state = restored
-        data_iterator.set_state(data_state)
         logging.info("Restored step %d from %s", int(state.step), manager.directory)
     start_step = int(state.step)
+    skipped = input_pipeline.SkippedImages()
+    dataset = input_pipeline.train_dataset(
+        source,
+        config,
+        skipped,
+        transform=input_pipeline.classifier_train_transform(config),
+        position=start_step * config.batch_size,
+        rows=input_pipeline.process_rows(batch_sharding, config.batch_size),
+    )
+    data_iterator = input_pipeline.LabelChecked(iter(dataset), config.num_classes)
 
     train_step = jax.jit(
         make_train_step(graphdef, tx, lr_schedule, config),
@@ -248,18 +288,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     train_flops = flops.classifier_train_flops(model_config, config.batch_size)
     books = Bookkeeper(
         config, manager, writer, skipped,
-        start_step=start_step, total_steps=total_steps, workdir=workdir, flops_per_step=train_flops,
+        start_step=start_step, total_steps=total_steps, workdir=workdir, flops_per_step=train_flops, run_record=record,
     )  # fmt: skip
     with books:
         for step in range(start_step + 1, total_steps + 1):
-            batch, data_state = next(batches)
+            batch = next(batches)
             state, metrics = train_step(state, batch["image"], batch["label"])
             books.record(step, state, metrics)
             if step % config.eval_every_steps == 0 or step == total_steps:
                 with books.untimed():
                     accuracy = evaluate(eval_step, state, eval_source, config, mesh)
                 writer.write_scalars(step, {f"eval_{k}": v for k, v in accuracy.items()})
-            books.save(step, state, data_state)
+            books.save(step, state)
 
     # ------------------------------------------------------------------------------------------------
     # Final: evaluation of a resumed-at-the-end run, and the classifier in the official layout.
@@ -268,8 +308,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         accuracy = evaluate(eval_step, state, eval_source, config, mesh)
         writer.write_scalars(total_steps, {f"eval_{k}": v for k, v in accuracy.items()})
     if jax.process_index() == 0:
-        model = nnx.merge(graphdef, state.params, state.fixed)
-        convert.save_pth(str(workdir / CLASSIFIER_FILE), convert.classifier_to_official(nnx.state(model)))
-        logging.info("Wrote the classifier to %s; eval top-1 %.2f%%", workdir / CLASSIFIER_FILE, accuracy["top1"])
+        export_classifier(workdir, nnx.merge(graphdef, state.params, state.fixed))
+        logging.info("Eval top-1 %.2f%%, top-5 %.2f%%", accuracy["top1"], accuracy["top5"])
     writer.flush()
     return accuracy

@@ -145,13 +145,32 @@ def device_resize_seconds(jpegs: Sequence[bytes], size: int, rounds: int = 5) ->
     return statistics.median(times)
 
 
+def _positive(kind: type) -> Callable[[str], int | float]:
+    """An argparse type: a number > 0 of `kind`, else argparse's one-line usage error."""
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = 0
+        if not value > 0:  # also NaN
+            raise argparse.ArgumentTypeError(f"{text!r} is not a positive {kind.__name__}")
+        return value
+
+    return parse
+
+
+def _worker_counts(text: str) -> list[int]:
+    return [_positive(int)(part) for part in text.split(",")]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workers", type=lambda s: [int(k) for k in s.split(",")], default=[1, 2])
-    parser.add_argument("--images", type=int, default=256)
-    parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--seconds", type=float, default=10.0, help="timed seconds per measurement")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--workers", type=_worker_counts, default=[1, 2], help="comma-separated, e.g. 1,2")
+    parser.add_argument("--images", type=_positive(int), default=256)
+    parser.add_argument("--size", type=_positive(int), default=224)
+    parser.add_argument("--seconds", type=_positive(float), default=10.0, help="timed seconds per measurement")
+    parser.add_argument("--rounds", type=_positive(int), default=3)
     args = parser.parse_args()
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()  # grain reads its absl flags when starting workers

@@ -1,13 +1,15 @@
-"""Input pipeline: source -> this host's shard -> shuffle -> decode + augment -> drop bad images -> batch.
+"""Input pipeline: source -> global stream (shuffle, decode + augment, replace bad images) -> host's rows -> batch.
 
 Sources are random-access sequences of records `{"image": encoded bytes or uint8 array, "label": int,
 "name": str}`: a TFDS dataset (`tfds.data_source`, ArrayRecord), an image folder in the ImageNet layout,
 Fashion-MNIST's IDX files (a small labeled set for the kNN monitor), or the photographs that scikit-image
 ships (the demo). grain reads them with threads (and optionally worker processes); element `i` of the
-shuffled stream and its augmentation depend only on the seed and `i`, and the iterator's state is saved
-with each checkpoint, so a resumed run reads the batches an uninterrupted one would. Images leave the
-host as uint8; mean/std normalization runs on the accelerator, and so, with `input.resize_on_device`, does
-the pretraining crop's bicubic resize, which on the host cost as much as decoding the JPEG.
+global training stream and its augmentation depend only on the seed and `i`, never on the number of
+hosts, which read disjoint rows of each global batch. Step k trains on positions [k * B, (k + 1) * B), so
+a run resumed at any step, on any number of hosts, reads the batches an uninterrupted one would. Images
+leave the host as uint8; mean/std normalization runs on the accelerator, and so, with
+`input.resize_on_device`, does the pretraining crop's bicubic resize, which on the host cost as much as
+decoding the JPEG.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import functools
 import gzip
 import io
 import math
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -27,20 +30,25 @@ import ml_collections
 import numpy as np
 from absl import logging
 from etils import epath
+from grain.experimental import index_shuffle
 from PIL import Image
 
 from mae_jax import augment
+from mae_jax.configuration import ConfigError
+from mae_jax.models.classifier import LINPROBE
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 CROP_SCALE = (0.2, 1.0)  # pretraining; fine-tuning and linear probing use torchvision's default (0.08, 1)
 FINETUNE_CROP_SCALE = (0.08, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
-EVAL_RESIZE_RATIO = 256 / 224
+EVAL_CROP_PCT = 224 / 256  # the evaluation's center crop keeps this share of the resized image...
+EVAL_CROP_PCT_MAX_SIZE = 224  # ...up to this image size; all of it above
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
 NO_LABEL = -1
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # where Debian's dataset-fashion-mnist package puts it
 FASHION_MNIST_SPLITS = {"train": "train", "test": "t10k"}  # split -> file name prefix
+FASHION_MNIST_CLASSES = 10
 # decoded uint8 image -> augmented one, or the fields of a training example ({"image": ..., "crop": ...})
 Transform = Callable[[np.ndarray, np.random.Generator], np.ndarray | dict[str, np.ndarray]]
 BICUBIC_A = -0.5  # the cubic convolution kernel's parameter in Pillow (and torchvision's PIL path)
@@ -84,6 +92,7 @@ class ImageFolder(Sequence):
             raise DatasetNotFoundError(f"image folder {root} does not exist (expected {root}/<class>/<image>)")
         classes = sorted(path.name for path in root.iterdir() if path.is_dir())
         self.classes = classes
+        self.description = f"image folder {root}"
         self._files = [
             (path, label)
             for label, name in enumerate(classes)
@@ -99,6 +108,15 @@ class ImageFolder(Sequence):
     def __getitem__(self, index: int) -> dict[str, Any]:
         path, label = self._files[index]
         return {"image": path.read_bytes(), "label": label, "name": str(path)}
+
+    @property
+    def num_classes(self) -> int:
+        """The number of class folders, images or not: the labels a model trained on it must cover."""
+        return len(self.classes)
+
+    def labels(self) -> np.ndarray:
+        """Every record's label, from the file list (no image is read)."""
+        return np.array([label for _, label in self._files], np.int64)
 
 
 class TfdsSource(Sequence):
@@ -120,9 +138,16 @@ class TfdsSource(Sequence):
                 " in <data_dir>/downloads/manual first)"
             ) from error
         self._prefix = f"{name}/{split}"
+        self.description = f"tfds {self._prefix}"
 
     def __len__(self) -> int:
         return len(self._source)
+
+    @property
+    def num_classes(self) -> int | None:
+        """The label feature's number of classes, from the dataset info (None: no class-label feature)."""
+        features = self._source.dataset_info.features
+        return getattr(features["label"], "num_classes", None) if "label" in features else None
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         record = self._source[index]
@@ -164,17 +189,119 @@ class FashionMnist(Sequence):
         if self._images.ndim != 3 or self._labels.shape != self._images.shape[:1]:
             raise DatasetNotFoundError(f"{images} {self._images.shape} and {labels} {self._labels.shape} do not match")
         self._prefix = f"fashion_mnist/{split}"
+        self.description = self._prefix
+        self.num_classes = FASHION_MNIST_CLASSES
 
     def __len__(self) -> int:
         return len(self._labels)
+
+    def labels(self) -> np.ndarray:
+        """Every record's label (the labels file, already in memory)."""
+        return self._labels.astype(np.int64)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return {"image": self._images[index], "label": int(self._labels[index]), "name": f"{self._prefix}:{index}"}
 
 
-def first(source: Sequence, count: int) -> Sequence:
-    """The first `count` records of a source (few-label training); all of them if it holds fewer."""
-    return grain.MapDataset.source(source)[:count]
+# ---------------------------------------------------------------------------------------------------
+# Subsets (few-label training, the kNN monitor) and label checks
+# ---------------------------------------------------------------------------------------------------
+def known_labels(source: Sequence) -> np.ndarray | None:
+    """Every record's label where the source knows them without reading records (an image folder's file list,
+    Fashion-MNIST's labels file, their subsets); None elsewhere: a TFDS split keeps each label inside its
+    record, and reading ImageNet's 1.28M records at start would take long."""
+    labels = getattr(source, "labels", None)
+    return None if labels is None else labels()
+
+
+def stratified_indices(labels: np.ndarray, count: int, seed: int) -> np.ndarray:
+    """Sorted indices of `count` <= len(labels) records, each class's share drawn at random within the class.
+
+    A class of n_c of the n records gets floor(count * n_c / n) of them; the rest go one each to the classes
+    with the largest remainders (ties: the smaller label). A function of (labels, count, seed) alone, so every
+    host and every restart draws the same records.
+    """
+    _, group, sizes = np.unique(labels, return_inverse=True, return_counts=True)
+    quotas, remainders = np.divmod(count * sizes, len(labels))
+    quotas[np.lexsort((np.arange(len(sizes)), -remainders))[: count - quotas.sum()]] += 1
+    shuffled = np.random.default_rng(seed).permutation(len(labels))
+    by_class = shuffled[np.argsort(group[shuffled], kind="stable")]  # random order within each class
+    rank_in_class = np.arange(len(labels)) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+    return np.sort(by_class[rank_in_class < np.repeat(quotas, sizes)])
+
+
+class Subset(Sequence):
+    """The records at `indices` of a source, which keeps its description, classes and labels."""
+
+    def __init__(self, source: Sequence, indices: np.ndarray):
+        self._source, self._indices = source, indices
+        self.description = getattr(source, "description", type(source).__name__)
+        self.num_classes = getattr(source, "num_classes", None)
+        labels = known_labels(source)
+        self._labels = None if labels is None else labels[indices]
+
+    def __len__(self) -> int:
+        return len(self._indices)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self._source[int(self._indices[index])]
+
+    def labels(self) -> np.ndarray | None:
+        """The source's labels of these records, where the source knows them (`known_labels`)."""
+        return self._labels
+
+
+def sample_subset(source: Sequence, count: int, seed: int) -> Sequence:
+    """`count` records drawn with `seed` (few-label training, the kNN monitor's splits); the whole source if it
+    holds no more. Stratified by class where the labels are known cheaply (`known_labels`), else uniform: the
+    first records of a class-sorted folder (the ImageNet layout) would be a few classes only.
+    """
+    if count >= len(source):
+        return source
+    labels = known_labels(source)
+    if labels is None:
+        indices = np.sort(np.random.default_rng(seed).choice(len(source), count, replace=False))
+    else:
+        indices = stratified_indices(labels, count, seed)
+    return Subset(source, indices)
+
+
+def label_error(label: int, where: str, num_classes: int) -> ConfigError:
+    """A label a classifier of `num_classes` cannot learn: one_hot would make it an all-zero target."""
+    return ConfigError(f"label {label} of {where} is outside [0, num_classes={num_classes})")
+
+
+def check_labels(source: Sequence, num_classes: int) -> None:
+    """At start: ConfigError when the source has more classes than `num_classes`, or a label it knows cheaply
+    (`known_labels`) lies outside [0, num_classes). Other sources are checked batch by batch."""
+    classes = getattr(source, "num_classes", None)
+    if classes is not None and classes > num_classes:
+        description = getattr(source, "description", "the dataset")
+        raise ConfigError(f"{description} has {classes} classes, more than num_classes={num_classes}")
+    labels = known_labels(source)
+    if labels is not None:
+        outside = np.flatnonzero((labels < 0) | (labels >= num_classes))
+        if outside.size:
+            raise label_error(int(labels[outside[0]]), source[int(outside[0])]["name"], num_classes)
+
+
+class LabelChecked:
+    """A training batch iterator that raises `label_error` before a batch with a label outside [0, num_classes)
+    reaches the device (outside grain, which would append lines to the message)."""
+
+    def __init__(self, iterator: Iterator[dict[str, np.ndarray]], num_classes: int):
+        self._iterator, self._num_classes = iterator, num_classes
+
+    def __iter__(self) -> LabelChecked:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch = next(self._iterator)
+        labels = batch["label"]
+        outside = np.flatnonzero((labels < 0) | (labels >= self._num_classes))
+        if outside.size:
+            raise label_error(int(labels[outside[0]]), f"row {outside[0]} of a training batch", self._num_classes)
+        return batch
 
 
 def make_source(dataset: ml_collections.ConfigDict) -> Sequence:
@@ -193,6 +320,11 @@ def make_source(dataset: ml_collections.ConfigDict) -> Sequence:
         raise ValueError(f"unknown dataset.source {dataset.source!r}")
     if len(source) == 0:
         raise DatasetNotFoundError(f"dataset {dataset.source}:{dataset.name} split {dataset.split!r} is empty")
+    if len(source) < jax.process_count():
+        raise DatasetNotFoundError(
+            f"dataset {dataset.source}:{dataset.name} split {dataset.split!r} holds {len(source)} examples, fewer "
+            f"than the {jax.process_count()} hosts: every host needs at least one"
+        )
     return source
 
 
@@ -208,6 +340,10 @@ def to_rgb(image: np.ndarray) -> np.ndarray:
     if image.shape[-1] == 1:
         image = np.repeat(image, 3, axis=-1)
     return np.ascontiguousarray(image[:, :, :3])
+
+
+# What decoding raises for corrupt, truncated or oversized files (DecompressionBombError is no OSError)
+UNREADABLE_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 def decode(image: bytes | np.ndarray) -> np.ndarray:
@@ -327,18 +463,59 @@ def resize_crops(canvases: jax.Array, crops: jax.Array, size: int) -> jax.Array:
 
 
 def finetune_transform(image: np.ndarray, rng: np.random.Generator, size: int, rand_augment: bool) -> np.ndarray:
-    """The official fine-tuning (timm, with `rand_augment`: rand-m9-mstd0.5-inc1) and linear-probing training
-    transform: RandomResizedCrop(size, scale 0.08-1, bicubic) + flip; random erasing runs on the device."""
+    """The official fine-tuning training transform (timm, with `rand_augment`: rand-m9-mstd0.5-inc1):
+    RandomResizedCrop(size, scale 0.08-1, bicubic) + flip; random erasing runs on the device."""
     image = pretrain_transform(image, rng, size, FINETUNE_CROP_SCALE)
     return augment.rand_augment(np.ascontiguousarray(image), rng) if rand_augment else image
 
 
+def single_draw_crop_box(
+    rng: np.random.Generator, height: int, width: int, scale: tuple[float, float] = FINETUNE_CROP_SCALE
+) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) as the official linear probe's `util/crop.RandomResizedCrop` (BYOL's TF crop).
+
+    One draw of area and aspect, each side clamped to the image: no retries and no center fallback, so a
+    draw too wide for the image becomes a full-width crop of another aspect. Sides are at least one pixel
+    (the official crop would be empty, and fail, on an image of a few pixels).
+    """
+    target_area = height * width * rng.uniform(*scale)
+    aspect = math.exp(rng.uniform(*np.log(CROP_RATIO)))
+    crop_w = min(max(round(math.sqrt(target_area * aspect)), 1), width)
+    crop_h = min(max(round(math.sqrt(target_area / aspect)), 1), height)
+    top = int(rng.integers(0, height - crop_h + 1))
+    left = int(rng.integers(0, width - crop_w + 1))
+    return left, top, left + crop_w, top + crop_h
+
+
+def linprobe_transform(image: np.ndarray, rng: np.random.Generator, size: int, rand_augment: bool) -> np.ndarray:
+    """The official linear-probing training transform (`main_linprobe.py`): the single-draw crop
+    (`single_draw_crop_box`, scale 0.08-1) resized to `size` (bicubic), then a horizontal flip; RandAugment
+    only if `augment.rand_augment` asks for it (the official probe has none)."""
+    left, top, right, bottom = single_draw_crop_box(rng, *image.shape[:2])
+    image = bicubic_resize(image[top:bottom, left:right], size)
+    image = image[:, ::-1] if rng.random() < 0.5 else image
+    return augment.rand_augment(np.ascontiguousarray(image), rng) if rand_augment else image
+
+
+def classifier_train_transform(config: ml_collections.ConfigDict) -> Transform:
+    """The training transform of `config.task`: fine-tuning's (10-try crop) or linear probing's (single draw)."""
+    transform = linprobe_transform if config.task == LINPROBE else finetune_transform
+    return functools.partial(transform, size=config.image_size, rand_augment=config.augment.rand_augment)
+
+
 def eval_transform(image: np.ndarray, size: int) -> np.ndarray:
-    """Resize the shorter side to size * 256/224, then center crop `size` (the official evaluation)."""
+    """The official evaluation (`util/datasets.build_transform`), with torchvision's rounding on PIL images.
+
+    Resize(int(size / crop_pct), bicubic) of the shorter side, crop_pct 224/256 up to 224 px and 1 above
+    (448 px: 448, not 512); the long side becomes int(new_short * long / short). Then CenterCrop(size) at
+    offsets round((H - size) / 2) and round((W - size) / 2).
+    """
     pil = Image.fromarray(image)
-    scale = round(size * EVAL_RESIZE_RATIO) / min(pil.size)
-    pil = pil.resize((max(size, round(pil.width * scale)), max(size, round(pil.height * scale))), Image.BICUBIC)
-    left, top = (pil.width - size) // 2, (pil.height - size) // 2
+    new_short = int(size / (EVAL_CROP_PCT if size <= EVAL_CROP_PCT_MAX_SIZE else 1.0))
+    short, long = sorted(pil.size)
+    new_long = int(new_short * long / short)
+    pil = pil.resize((new_short, new_long) if pil.width <= pil.height else (new_long, new_short), Image.BICUBIC)
+    top, left = round((pil.height - size) / 2), round((pil.width - size) / 2)
     return np.asarray(pil.crop((left, top, left + size, top + size)))
 
 
@@ -356,28 +533,71 @@ def denormalize(images: np.ndarray) -> np.ndarray:
 # Batches
 # ---------------------------------------------------------------------------------------------------
 class SkippedImages:
-    """Drops records that could not be decoded; counts them and names each file once in the log."""
+    """Counts the records that could not be decoded and names each file once in the log."""
 
     def __init__(self):
         self.count = 0
         self._named: set[str] = set()
 
+    def add(self, name: str, error: str) -> None:
+        self.count += 1
+        if name not in self._named:
+            self._named.add(name)
+            logging.warning("Skipping unreadable image %s: %s", name, error)
+
     def __call__(self, example: dict[str, Any]) -> bool:
+        """Whether an example holds an image; one with an "error" field is counted and named."""
         if "error" not in example:
             return True
-        self.count += 1
-        if example["name"] not in self._named:
-            self._named.add(example["name"])
-            logging.warning("Skipping unreadable image %s: %s", example["name"], example["error"])
+        self.add(example["name"], example["error"])
         return False
 
+    def take(self, example: dict[str, Any]) -> dict[str, Any]:
+        """A training example without its "skipped" records, which are counted and named here: in the
+        process that consumes the batches, also when worker processes decode them."""
+        for name, error in example["skipped"]:
+            self.add(name, error)
+        return {key: value for key, value in example.items() if key != "skipped"}
 
-def _train_example(record: dict[str, Any], rng: np.random.Generator, transform: Transform) -> dict[str, Any]:
-    try:
-        fields = transform(decode(record["image"]), rng)
-    except (OSError, ValueError, SyntaxError) as error:  # what PIL raises for corrupt or truncated files
-        return {"name": record["name"], "error": f"{type(error).__name__}: {error}"}
-    return {**(fields if isinstance(fields, dict) else {"image": fields}), "label": np.int32(record["label"])}
+
+class TrainStream:
+    """The global training stream: position i = 0, 1, ... -> an augmented example, whatever the host count.
+
+    Epoch e = i // N visits the N records in a permutation seeded by (seed, e) (grain's `index_shuffle`),
+    and position i's augmentation draws from a generator seeded by (seed, i). An unreadable record is
+    replaced inside its slot by the records that follow it in the epoch's order, so it shifts no other
+    position; the replaced records travel with the example ("skipped") for `SkippedImages.take`.
+    """
+
+    def __init__(self, source: Sequence, seed: int, transform: Transform):
+        self.source, self.seed, self.transform = source, seed, transform
+
+    def record_index(self, position: int, attempt: int = 0) -> int:
+        """The record read for `position` at its `attempt`-th try."""
+        epoch, offset = divmod(position, len(self.source))
+        epoch_seed = int(np.random.SeedSequence([self.seed, epoch]).generate_state(1)[0])
+        return index_shuffle((offset + attempt) % len(self.source), len(self.source) - 1, epoch_seed, rounds=4)
+
+    def __getitem__(self, position: int) -> dict[str, Any]:
+        rng = np.random.default_rng([self.seed, position])
+        skipped = []
+        for attempt in range(len(self.source)):  # a bounded search that tries every record once
+            record = self.source[self.record_index(position, attempt)]
+            try:
+                fields = self.transform(decode(record["image"]), rng)
+            except UNREADABLE_IMAGE_ERRORS as error:
+                skipped.append((record["name"], f"{type(error).__name__}: {error}"))
+                continue
+            fields = fields if isinstance(fields, dict) else {"image": fields}
+            return {**fields, "label": np.int32(record["label"]), "skipped": skipped}
+        description = getattr(self.source, "description", type(self.source).__name__)
+        raise DatasetNotFoundError(f"no decodable image among the {len(self.source)} records of {description}")
+
+
+def _host_example(index: int, stream: TrainStream, rows: np.ndarray, batch_size: int, start: int) -> dict[str, Any]:
+    """Element `index` of a host's stream: row rows[index % b] of global batch index // b (b = len(rows))."""
+    batch, row = divmod(index, len(rows))
+    return stream[start + batch * batch_size + int(rows[row])]
 
 
 def pretrain_host_transform(config: ml_collections.ConfigDict) -> Transform:
@@ -388,51 +608,68 @@ def pretrain_host_transform(config: ml_collections.ConfigDict) -> Transform:
     return functools.partial(pretrain_transform, size=config.image_size)
 
 
+def process_rows(sharding: jax.sharding.Sharding, batch_size: int) -> np.ndarray:
+    """The rows of each global batch that this process feeds, in the order of its local batch:
+    `jax.make_array_from_process_local_data` maps the process's row ranges, ascending, onto its local rows."""
+    ranges = {
+        index[0].indices(batch_size)[:2]
+        for device, index in sharding.devices_indices_map((batch_size,)).items()
+        if device.process_index == jax.process_index()
+    }
+    return np.concatenate([np.arange(start, stop) for start, stop in sorted(ranges)])
+
+
 def train_dataset(
     source: Sequence,
     config: ml_collections.ConfigDict,
     skipped: SkippedImages,
     *,
     transform: Transform | None = None,
+    position: int = 0,
+    rows: Sequence[int] | None = None,
     process_index: int | None = None,
     process_count: int | None = None,
 ) -> grain.IterDataset:
-    """This host's infinite stream of {"image": uint8 (B/hosts, S, S, 3), "label": int32 (B/hosts,)} batches.
+    """This host's part of the global training stream (`TrainStream`), as an infinite iterable of batches
+    {"image": uint8 (b, S, S, 3), "label": int32 (b,)}, b = len(rows).
 
+    Global batch k holds stream positions position + k * batch_size + r for rows r = 0 .. batch_size - 1,
+    and this host reads its `rows` of them: `process_rows` of the batch sharding, or by default the equal
+    share of process `process_index` of `process_count`, in process order. So the examples of a step depend
+    on the seed and the step alone, never on the host count, and a run resumed at step s reads from
+    position s * batch_size.
     `transform(image, rng)` augments a decoded image; by default the pretraining transform at `image_size`,
     whose batches with `input.resize_on_device` hold canvases and their "crop" fields instead.
     """
-    transform = transform or pretrain_host_transform(config)
-    index = jax.process_index() if process_index is None else process_index
-    count = jax.process_count() if process_count is None else process_count
+    if rows is None:
+        index = jax.process_index() if process_index is None else process_index
+        per_host = config.batch_size // (jax.process_count() if process_count is None else process_count)
+        rows = range(index * per_host, (index + 1) * per_host)
+    stream = TrainStream(source, config.seed, transform or pretrain_host_transform(config))
+    host_example = functools.partial(
+        _host_example, stream=stream, rows=np.asarray(rows), batch_size=config.batch_size, start=position
+    )
     dataset = (
-        grain.MapDataset.source(source)
-        .slice(slice(index, None, count))  # disjoint shards that together cover the source
-        .shuffle(seed=config.seed)
-        .repeat()
-        .random_map(functools.partial(_train_example, transform=transform), seed=config.seed)
+        grain.MapDataset.range(sys.maxsize)
+        .map(host_example)
         .to_iter_dataset(
             grain.ReadOptions(num_threads=config.input.num_threads, prefetch_buffer_size=config.input.prefetch)
         )
     )
     if config.input.num_workers > 0:
         dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.input.num_workers))
-    return dataset.filter(skipped).batch(config.batch_size // count, drop_remainder=True)
+    return dataset.map(skipped.take).batch(len(rows), drop_remainder=True)
 
 
 def device_prefetch(
-    iterator: grain.DatasetIterator,
+    iterator: Iterator[dict[str, np.ndarray]],
     sharding: jax.sharding.Sharding,
     keys: tuple[str, ...] = ("image",),
     size: int = 2,
     image_size: int | None = None,
-) -> Iterator[tuple[dict[str, jax.Array], dict]]:
-    """({key: global batch array}, iterator state after it), `size` batches ahead of the step that uses them.
-
-    The state travels with its batch because the iterator itself is ahead: saving it at step k must
-    record the position right after batch k. Batches of `crop_to_canvas` are resized to `image_size` here,
-    dispatched ahead like the transfer.
-    """
+) -> Iterator[dict[str, jax.Array]]:
+    """{key: global batch array}, `size` batches ahead of the step that uses them. Batches of
+    `crop_to_canvas` are resized to `image_size` here, dispatched ahead like the transfer."""
     finish = jax.jit(resize_crops, static_argnums=2, out_shardings=sharding)
     queue: collections.deque = collections.deque()
     while True:
@@ -441,26 +678,31 @@ def device_prefetch(
         if "crop" in batch:
             crops = jax.make_array_from_process_local_data(sharding, batch["crop"])
             arrays["image"] = finish(arrays["image"], crops, image_size)
-        queue.append((arrays, iterator.get_state()))
+        queue.append(arrays)
         if len(queue) == size:
             yield queue.popleft()
 
 
 def fixed_eval_images(source: Sequence, count: int, size: int) -> np.ndarray:
-    """The first readable `count` images of the source, center-cropped: the same samples at every visualization."""
-    images = []
+    """The first readable `count` images of the source (fewer if it has fewer), center-cropped: the same samples
+    at every visualization. A source with no readable image is a DatasetNotFoundError naming its first record."""
+    images, first_error = [], None
     for index in range(len(source)):
+        record = source[index]
         try:
-            images.append(eval_transform(decode(source[index]["image"]), size))
-        except (OSError, ValueError, SyntaxError):
+            images.append(eval_transform(decode(record["image"]), size))
+        except (OSError, ValueError, SyntaxError) as error:  # what PIL raises for corrupt or truncated files
+            first_error = first_error or f"{record['name']}: {type(error).__name__}: {error}"
             continue
         if len(images) == count:
             break
+    if not images:
+        raise DatasetNotFoundError(f"none of the {len(source)} images of the dataset decodes (first: {first_error})")
     return np.stack(images)
 
 
 def _eval_example(index: int, source: Sequence, size: int, total: int) -> dict[str, Any]:
-    padding = {"image": np.zeros((size, size, 3), np.uint8), "label": np.int32(NO_LABEL), "valid": False}
+    padding = {"image": np.zeros((size, size, 3), np.uint8), "label": np.int32(NO_LABEL), "valid": False, "name": ""}
     if index >= total:  # evens out the hosts' batch counts
         return padding
     record = source[index]
@@ -468,12 +710,24 @@ def _eval_example(index: int, source: Sequence, size: int, total: int) -> dict[s
         image = eval_transform(decode(record["image"]), size)
     except (OSError, ValueError, SyntaxError) as error:  # what PIL raises for corrupt or truncated files
         return padding | {"name": record["name"], "error": f"{type(error).__name__}: {error}"}
-    return {"image": image, "label": np.int32(record["label"]), "valid": True}
+    return {"image": image, "label": np.int32(record["label"]), "valid": True, "name": record["name"]}
 
 
 def _report_unreadable(example: dict[str, Any], skipped: SkippedImages) -> dict[str, Any]:
     skipped(example)  # runs in the consuming thread: counts and names each unreadable image (already padding)
-    return {key: example[key] for key in ("image", "label", "valid")}
+    return {key: example[key] for key in ("image", "label", "valid", "name")}
+
+
+def _checked_eval_batches(batches: Iterator[dict[str, np.ndarray]], num_classes: int | None) -> Iterator[dict]:
+    """The batches without their names, after `label_error` for a valid row whose label is outside
+    [0, num_classes); checked out here, as grain appends lines to the messages of errors raised inside it."""
+    for batch in batches:
+        names = batch.pop("name")
+        if num_classes is not None:
+            outside = np.flatnonzero(batch["valid"] & ((batch["label"] < 0) | (batch["label"] >= num_classes)))
+            if outside.size:
+                raise label_error(int(batch["label"][outside[0]]), str(names[outside[0]]), num_classes)
+        yield batch
 
 
 def eval_batches(
@@ -481,24 +735,25 @@ def eval_batches(
     image_size: int,
     batch_size: int,
     *,
-    limit: int | None = None,
     process_index: int | None = None,
     process_count: int | None = None,
     num_threads: int = 16,
     skipped: SkippedImages | None = None,
+    num_classes: int | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """This host's part of the first `limit` examples, each once, in order, center-cropped (`eval_transform`).
+    """This host's part of the source's examples, each once, in order, center-cropped (`eval_transform`).
 
     Batches are {"image": uint8 (b, S, S, 3), "label": int32 (b,), "valid": bool (b,)} with b = batch_size /
     hosts. Host h reads examples h, h + hosts, ...; rows past the end and unreadable images are padding
     (valid False), so every host yields the same number of batches, as a jitted multi-host evaluation needs.
+    With `num_classes`, a label outside [0, num_classes) raises `label_error` naming the example.
     """
     index = jax.process_index() if process_index is None else process_index
     count = jax.process_count() if process_count is None else process_count
     per_host = batch_size // count
     if per_host < 1 or batch_size % count:
         raise ValueError(f"eval batch size {batch_size} is not a positive multiple of the {count} hosts")
-    total = len(source) if limit is None else min(limit, len(source))
+    total = len(source)
     num_batches = math.ceil(math.ceil(total / count) / per_host)  # host 0's, which has the most examples
     skipped = SkippedImages() if skipped is None else skipped
     dataset = (
@@ -508,4 +763,4 @@ def eval_batches(
         .map(functools.partial(_report_unreadable, skipped=skipped))
         .batch(per_host)
     )
-    return iter(dataset)
+    return _checked_eval_batches(iter(dataset), num_classes)

@@ -6,8 +6,10 @@
 from __future__ import annotations
 
 import logging as std_logging
-import re
+import os
+import socket
 import sys
+import time
 
 import jax
 import ml_collections
@@ -15,7 +17,7 @@ from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
 
-from mae_jax import finetune, train
+from mae_jax import configuration, finetune, train
 from mae_jax.checkpointing import CheckpointError
 from mae_jax.configuration import ConfigError
 from mae_jax.input_pipeline import DatasetNotFoundError
@@ -29,18 +31,93 @@ config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/vit_b
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-host runs outside TPU/SLURM.")
 flags.DEFINE_integer("num_processes", None, "Number of processes, with --coordinator_address.")
 flags.DEFINE_integer("process_id", None, "This process's index, with --coordinator_address.")
+flags.DEFINE_integer("initialization_timeout", 300, "Seconds to wait for the other processes to join (JAX's default).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def initialize_distributed() -> None:
-    """Join the other hosts: explicit flags, or JAX's own detection on TPU VMs and under SLURM."""
-    if FLAGS.coordinator_address:
-        jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-    elif FLAGS.num_processes is None:
+class DistributedError(RuntimeError):
+    """This process cannot join the others; the message is one line saying why."""
+
+
+def detected_cluster() -> type | None:
+    """The cluster JAX's `jax.distributed.initialize()` would join (SLURM, Cloud TPU, Open MPI...), or None.
+
+    Asked of JAX's own cluster classes (no public API tells), so that a cluster whose join fails is an
+    error, never mistaken for a machine on its own.
+    """
+    from jax._src import clusters
+
+    candidates = [cluster for cluster in clusters.ClusterEnv._cluster_types if not cluster.opt_in_only_method]
+    return next((cluster for cluster in candidates if cluster.is_env_present()), None)
+
+
+def cluster_coordinates(cluster: type, timeout: int) -> tuple[int, int, str]:
+    """(process id, process count, coordinator host:port) as `jax.distributed.initialize()` reads them."""
+    address = os.environ.get("JAX_COORDINATOR_ADDRESS") or cluster.get_coordinator_address(
+        timeout_secs=timeout, override_coordinator_port=os.environ.get("JAX_COORDINATOR_PORT")
+    )
+    return cluster.get_process_id(), cluster.get_process_count(), address
+
+
+def wait_for_coordinator(address: str, timeout: int) -> None:
+    """Return once `address` (host:port) accepts connections. JAX aborts the process, with a C++ stack
+    trace, when its client cannot reach the coordinator; this fails first, with a `TimeoutError`."""
+    host, port = address.rsplit(":", 1)
+    deadline = time.monotonic() + timeout
+    while True:
         try:
-            jax.distributed.initialize()
-        except (ValueError, RuntimeError):  # a single host with nothing to join
+            socket.create_connection((host.strip("[]"), int(port)), timeout=1).close()
             return
+        except OSError as error:
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"the coordinator {address} did not accept a connection within {timeout} s ({error}); "
+                    "is process 0 running, and is the address right?"
+                ) from error
+            time.sleep(0.2)
+
+
+def initialize_distributed() -> None:
+    """Join the other hosts: explicit flags, or JAX's own detection on TPU VMs, under SLURM and Open MPI.
+
+    Incomplete flags, and a cluster that is detected but cannot be joined, are a `DistributedError`: a run
+    that silently trains as "process 0 of 1" on every host would waste the whole allocation. Only where no
+    cluster is detected does the run go on as a single process, and the log says so.
+    """
+    explicit = {
+        "--coordinator_address": FLAGS.coordinator_address,
+        "--num_processes": FLAGS.num_processes,
+        "--process_id": FLAGS.process_id,
+    }
+    given = [name for name, value in explicit.items() if value is not None]
+    if given and len(given) < len(explicit):
+        missing = [name for name in explicit if name not in given]
+        raise DistributedError(
+            f"{' and '.join(given)} without {' and '.join(missing)}: give all three for a multi-process run "
+            "(none on TPU VMs and under SLURM, where JAX finds them)"
+        )
+    cluster = None if given else detected_cluster()
+    if not given and cluster is None:
+        logging.info("No cluster (TPU VM, SLURM, Open MPI) detected and no --coordinator_address: single process")
+        return
+    where = f"the {cluster.name} cluster JAX detected" if cluster else f"the processes at {FLAGS.coordinator_address}"
+    timeout = FLAGS.initialization_timeout
+    try:
+        process_id, count, address = (
+            cluster_coordinates(cluster, timeout)
+            if cluster
+            else (FLAGS.process_id, FLAGS.num_processes, FLAGS.coordinator_address)
+        )
+        if not 0 <= process_id < count:
+            raise ValueError(f"process id {process_id} is not one of the {count} processes' ids 0-{count - 1}")
+        if process_id != 0:
+            wait_for_coordinator(address, timeout)
+        jax.distributed.initialize(
+            FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, initialization_timeout=timeout
+        )
+    except Exception as error:  # whatever the cause, this process must not train alone
+        message = " ".join(str(error).split())  # one line
+        raise DistributedError(f"cannot join {where}: {type(error).__name__}: {message}") from error
 
 
 def use_compilation_cache(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -48,16 +125,6 @@ def use_compilation_cache(config: ml_collections.ConfigDict, workdir: str) -> No
     step instead of compiling it again. Only process 0 writes (JAX's rule); an already set cache is kept."""
     if config.compilation_cache and jax.config.jax_compilation_cache_dir is None:
         jax.config.update("jax_compilation_cache_dir", str(epath.Path(workdir) / COMPILATION_CACHE_DIR))
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl's parser, with a bad `--config.key` override reported in one line instead of a traceback."""
-    try:
-        return app.parse_flags_with_usage(argv)
-    except (AttributeError, KeyError) as error:
-        message = str(error.args[0] if error.args else error)  # ml_collections escapes quotes and newlines
-        message = re.sub(r"[\\']", "", message.replace("\\n", "; "))
-        sys.exit(f"error: bad config override: unknown key {message}")
 
 
 class QuietOrbax(std_logging.Filter):
@@ -71,7 +138,10 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(QuietOrbax())
-    initialize_distributed()
+    try:
+        initialize_distributed()
+    except DistributedError as error:
+        sys.exit(f"error: {error}")
     use_compilation_cache(FLAGS.config, FLAGS.workdir)
     logging.info("JAX process %d of %d; %d local / %d global devices", jax.process_index(), jax.process_count(),
                  jax.local_device_count(), jax.device_count())  # fmt: skip
@@ -90,4 +160,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    app.run(main, flags_parser=configuration.parse_flags)

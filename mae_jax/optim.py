@@ -32,12 +32,32 @@ def decay_mask(params) -> object:
     return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
+def _skip_nonfinite(
+    tx: optax.GradientTransformation, config: ml_collections.ConfigDict
+) -> optax.GradientTransformation:
+    """`tx` with `optax.apply_if_finite`'s state whatever `skip_nonfinite_steps` is: a resume may switch it.
+
+    With N > 0 an update from non-finite gradients is dropped, unless it is the (N + 1)-th in a row. With 0,
+    apply_if_finite would apply every update; `tx` then runs as it is, without the conditional in the step,
+    and the counters stay 0: the run's NonFiniteGuard stops it at such a step, before it is saved.
+    """
+    guarded = optax.apply_if_finite(tx, max_consecutive_errors=config.skip_nonfinite_steps)
+    if config.skip_nonfinite_steps > 0:
+        return guarded
+
+    def update(
+        updates: optax.Updates, state: optax.ApplyIfFiniteState, params: optax.Params | None = None
+    ) -> tuple[optax.Updates, optax.ApplyIfFiniteState]:
+        updates, inner_state = tx.update(updates, state.inner_state, params)
+        return updates, state._replace(inner_state=inner_state)
+
+    return optax.GradientTransformation(guarded.init, update)
+
+
 def make_optimizer(config: ml_collections.ConfigDict, lr_schedule: optax.Schedule) -> optax.GradientTransformation:
     """AdamW; with `skip_nonfinite_steps` > 0, updates from non-finite gradients are dropped, not applied."""
     tx = optax.adamw(lr_schedule, b1=config.b1, b2=config.b2, weight_decay=config.weight_decay, mask=decay_mask)
-    if config.skip_nonfinite_steps > 0:
-        tx = optax.apply_if_finite(tx, max_consecutive_errors=config.skip_nonfinite_steps)
-    return tx
+    return _skip_nonfinite(tx, config)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -79,14 +99,6 @@ def finetune_decay_mask(params) -> object:
     return jax.tree_util.tree_map_with_path(
         lambda path, p: p.ndim != 1 and not set(NO_WEIGHT_DECAY) & set(_names(path)), params
     )
-
-
-def _skip_nonfinite(
-    tx: optax.GradientTransformation, config: ml_collections.ConfigDict
-) -> optax.GradientTransformation:
-    if config.skip_nonfinite_steps > 0:
-        return optax.apply_if_finite(tx, max_consecutive_errors=config.skip_nonfinite_steps)
-    return tx
 
 
 def make_finetune_optimizer(

@@ -1,4 +1,4 @@
-"""Trained MAE weights from wherever they live: a parameter directory, a training workdir or an official .pth.
+"""Trained MAE weights from wherever they live: a parameter directory, a training workdir or an official file.
 
 Visualization needs the decoder; fine-tuning and linear probing need the encoder only. Both read through
 `load`, which returns what the location holds: the whole MAE, or `{"encoder": ...}` alone.
@@ -20,6 +20,8 @@ from mae_jax.models.vit import Compute
 
 # Official files trained on raw pixels (no norm-pix loss), whose names say so.
 PIXEL_LOSS_PREFIX = "mae_visualize_"
+# Files holding an official state_dict: PyTorch's (needs torch), or safetensors in the same key layout.
+OFFICIAL_SUFFIXES = (".pth", convert.SAFETENSORS_SUFFIX)
 
 
 class PretrainedError(ValueError):
@@ -29,32 +31,33 @@ class PretrainedError(ValueError):
 def load(path: str, norm_pix_loss: bool | None = None) -> tuple[MAEConfig, nnx.State]:
     """(config, state) of the MAE at `path`; the state has no "decoder" when the location holds none.
 
-    `norm_pix_loss` applies to `.pth` files only, which cannot say how they were trained; left out, it is
-    False for `mae_visualize_*` files (trained on pixels) and True otherwise. The config computes in float32
-    with XLA attention whatever the weights were trained with, so a checkpoint from any accelerator runs
-    anywhere.
+    `norm_pix_loss` applies to official files (.pth, .safetensors) only, which cannot say how they were
+    trained; left out, it is False for `mae_visualize_*` files (trained on pixels) and True otherwise. The
+    config computes in float32 with XLA attention whatever the weights were trained with, so a checkpoint
+    from any accelerator runs anywhere.
     """
     location = epath.Path(path)
-    if location.suffix == ".pth":
-        config, state = _from_pth(location, norm_pix_loss)
+    if location.suffix in OFFICIAL_SUFFIXES:
+        config, state = _from_official_file(location, norm_pix_loss)
     elif (location / checkpointing.MODEL_CONFIG_FILE).exists():
         config, state = checkpointing.load_params(location)
     elif (location / "checkpoints").is_dir():
         config, state = _from_workdir(location)
     else:
         raise PretrainedError(
-            f"{path} is not a parameter directory (model.json + params/), a training workdir (checkpoints/) "
-            "or an official .pth file"
+            f"{path} is not a parameter directory (model.json + params/), a training workdir (checkpoints/), "
+            "an official .pth file or a .safetensors file in its layout"
         )
     return dataclasses.replace(config, compute=Compute()), state
 
 
-def _from_pth(path: epath.Path, norm_pix_loss: bool | None) -> tuple[MAEConfig, nnx.State]:
-    if not path.is_file():
-        raise PretrainedError(f"{path} does not exist")
+def _from_official_file(path: epath.Path, norm_pix_loss: bool | None) -> tuple[MAEConfig, nnx.State]:
     if norm_pix_loss is None:
         norm_pix_loss = not path.name.startswith(PIXEL_LOSS_PREFIX)
-    state_dict = convert.load_pth(str(path))
+    try:
+        state_dict = convert.load_state_dict(path)
+    except convert.ConvertError as error:  # missing file, not a checkpoint, no PyTorch for a .pth
+        raise PretrainedError(str(error)) from error
     try:
         config = convert.infer_config(state_dict, norm_pix_loss=norm_pix_loss)
         return config, convert.from_official(state_dict, config, fresh_decoder=False)

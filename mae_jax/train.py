@@ -32,7 +32,10 @@ class Preempted(RuntimeError):
 
 
 class NonFiniteError(RuntimeError):
-    """A non-finite loss or gradient; the message names the step. Nothing from that step on is saved."""
+    """A non-finite loss or gradient; the message names the step and the setting that skips it on a rerun.
+
+    Nothing from that step on is saved, and `skip_nonfinite_steps` may change across a resume.
+    """
 
 
 class NonFiniteGuard:
@@ -57,8 +60,9 @@ class NonFiniteGuard:
             if self._in_a_row > self.skip_steps:
                 raise NonFiniteError(
                     f"non-finite loss ({metrics['loss']}) or gradient norm ({metrics['grad_norm']}) at step {step}"
-                    f" ({self._in_a_row} in a row); stopped without saving it (skip_nonfinite_steps="
-                    f"{self.skip_steps})"
+                    f" ({self._in_a_row} in a row, skip_nonfinite_steps={self.skip_steps}); stopped without saving"
+                    f" it. Rerun with --config.skip_nonfinite_steps={self._in_a_row} or more to resume from the"
+                    " newest checkpoint and skip such steps"
                 )
 
 
@@ -68,8 +72,9 @@ class Bookkeeper:
     Times steps (neither the compile nor evaluations) and reports model TFLOP/s per device (and MFU on devices
     in `flops.PEAK_TFLOPS`) from the step's `flops_per_step`, shows every step's metrics to the `NonFiniteGuard`
     before any later state is saved, writes averaged summaries every `log_every_steps`, saves a checkpoint
-    every `checkpoint_every_steps`, at the end and when preempted, then stops a preempted run; on process 0
-    it traces `profile_steps` steps into `workdir`. As a context manager it lets the saves already started
+    with `run_record` (the config and what it resolved to, which a resume checks) every
+    `checkpoint_every_steps`, at the end and when preempted, then stops a preempted run; on process 0 it
+    traces `profile_steps` steps into `workdir`. As a context manager it lets the saves already started
     complete, also when the loop ends in an error.
     """
 
@@ -84,8 +89,10 @@ class Bookkeeper:
         total_steps: int,
         workdir: epath.PathLike,
         flops_per_step: float,
+        run_record: dict,
     ):
         self.config, self.manager, self.writer, self.skipped = config, manager, writer, skipped
+        self.run_record = run_record
         self.start_step, self.total_steps = start_step, total_steps
         self.flops_per_device = flops_per_step / jax.device_count()
         self.peak_tflops = flops.peak_tflops(jax.devices()[0], config.model.dtype)
@@ -170,10 +177,10 @@ class Bookkeeper:
         yield
         self._last_time += time.perf_counter() - start
 
-    def save(self, step: int, state: TrainState, data_state: dict) -> None:
+    def save(self, step: int, state: TrainState) -> None:
         """Checkpoint step `step` if due; after a preemption's save, stop the run (`Preempted`)."""
         if self._save_now and self.manager.latest_step() != step:
-            checkpointing.save(self.manager, step, state, data_state, self.config.to_dict())
+            checkpointing.save(self.manager, step, state, self.run_record)
         if self._preempted:
             self.manager.wait_until_finished()
             self.writer.flush()
@@ -276,6 +283,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     checkpointing.check_same_model(manager, config.to_dict())
     source = input_pipeline.make_source(config.dataset)
     total_steps, warmup_steps = schedule_steps(config, len(source))
+    record = checkpointing.run_record(
+        config, num_examples=len(source), total_steps=total_steps, warmup_steps=warmup_steps
+    )
+    checkpointing.check_same_run(manager, record)
+    vis_images = input_pipeline.normalize(  # the reconstruction grid's images, the same at every step
+        input_pipeline.fixed_eval_images(source, config.num_images, config.image_size)
+    )
     lr_schedule = optim.schedule(config, total_steps, warmup_steps)
     tx = optim.make_optimizer(config, lr_schedule)
 
@@ -297,15 +311,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     abstract_state = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, state_sharding
     )
-    skipped = input_pipeline.SkippedImages()
-    data_iterator = iter(input_pipeline.train_dataset(source, config, skipped))
-    restored = checkpointing.restore_latest(manager, abstract_state)
-    if restored is None:
+    state = checkpointing.restore_train_state(manager, abstract_state)
+    if state is None:
         state = init()
         logging.info("Initialized %s", model_config)
     else:
-        state, data_state = restored
-        data_iterator.set_state(data_state)
         logging.info("Restored step %d from %s", int(state.step), manager.directory)
     start_step = int(state.step)
 
@@ -324,9 +334,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         donate_argnums=0,
     )
     reconstruct = reconstruction.make_reconstruct_fn(graphdef, config.mask_ratio)
-    vis_images = input_pipeline.normalize(
-        input_pipeline.fixed_eval_images(source, config.num_images, config.image_size)
-    )
     vis_noise = jax.random.uniform(jax.random.key(config.seed + 2), (len(vis_images), model_config.encoder.num_patches))
 
     def reconstruction_grid() -> np.ndarray:
@@ -335,15 +342,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     # ------------------------------------------------------------------------------------------------
     # Train.
     # ------------------------------------------------------------------------------------------------
-    batches = input_pipeline.device_prefetch(data_iterator, batch_sharding, image_size=config.image_size)
+    skipped = input_pipeline.SkippedImages()
+    rows = input_pipeline.process_rows(batch_sharding, config.batch_size)
+    dataset = input_pipeline.train_dataset(source, config, skipped, position=start_step * config.batch_size, rows=rows)
+    batches = input_pipeline.device_prefetch(iter(dataset), batch_sharding, image_size=config.image_size)
     train_flops = flops.train_flops(model_config, config.mask_ratio, config.batch_size)
     books = Bookkeeper(
         config, manager, writer, skipped,
-        start_step=start_step, total_steps=total_steps, workdir=workdir, flops_per_step=train_flops,
+        start_step=start_step, total_steps=total_steps, workdir=workdir, flops_per_step=train_flops, run_record=record,
     )  # fmt: skip
     with books:
         for step in range(start_step + 1, total_steps + 1):
-            batch, data_state = next(batches)
+            batch = next(batches)
             state, metrics = train_step(state, batch["image"])
             books.record(step, state, metrics)
             if knn and (step % config.knn.every_steps == 0 or step == total_steps):
@@ -351,7 +361,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                     writer.write_scalars(step, knn.evaluate(nnx.merge(graphdef, state.params, state.fixed).encoder))
             if step % config.image_every_steps == 0 and step != total_steps:  # the last one is written below
                 writer.write_images(step, {"reconstruction": reconstruction_grid()[None]})
-            books.save(step, state, data_state)
+            books.save(step, state)
 
     # ------------------------------------------------------------------------------------------------
     # Final: reconstruction grid, encoder export.
@@ -360,8 +370,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     writer.write_images(total_steps, {"reconstruction": final_grid[None]})
     if jax.process_index() == 0:
         reconstruction.save_png(workdir / "reconstruction.png", final_grid)
-    if not (workdir / ENCODER_DIR / checkpointing.PARAMS_DIR).exists():
-        checkpointing.export_encoder(workdir / ENCODER_DIR, model_config, state.params, state.fixed)
-        logging.info("Exported the encoder to %s", workdir / ENCODER_DIR)
+    final_step = int(state.step)
+    if checkpointing.exported_step(workdir / ENCODER_DIR) != final_step:  # none yet, or of an earlier step
+        checkpointing.export_encoder(workdir / ENCODER_DIR, model_config, state.params, state.fixed, step=final_step)
+        logging.info("Exported the encoder of step %d to %s", final_step, workdir / ENCODER_DIR)
     writer.flush()
     return state

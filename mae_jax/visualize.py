@@ -112,6 +112,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     pixels.add_argument("--no_norm_pix_loss", dest="norm_pix_loss", action="store_false", help="trained on pixels")
     args = parser.parse_args(argv)
 
+    try:  # a bad --out fails now, not after the model ran
+        epath.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        sys.exit(f"error: cannot create the folder of --out {args.out}: {error}")
     try:
         model = load_model(args.params, args.norm_pix_loss)
         size = model.config.encoder.image_size
@@ -124,7 +128,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         panels = reconstruct(model, images, args.mask_ratio, args.seed)
     except (VisualizeError, FileNotFoundError) as error:
         sys.exit(f"error: {error}")
-    reconstruction.save_png(args.out, reconstruction.grid(panels))
+    try:
+        reconstruction.save_png(args.out, reconstruction.grid(panels))
+    except OSError as error:
+        sys.exit(f"error: cannot write --out {args.out}: {error}")
     ratios = ", ".join(f"{ratio:g}" for ratio in args.mask_ratio)
     print(
         f"Wrote {args.out}: {len(names)} images ({', '.join(names)}) x mask ratios {ratios}; columns "

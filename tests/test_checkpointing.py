@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -212,3 +213,19 @@ def test_exported_encoder_gives_the_same_features(tmp_path: pathlib.Path):
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: MAE(config, rngs=nnx.Rngs(0))))
     trained = nnx.merge(graphdef, state.params, state.fixed)
     np.testing.assert_array_equal(np.asarray(encoder(images)), np.asarray(trained.encoder(images)))
+
+
+def test_nan_recovery_the_error_message_suggests_resumes_to_the_end(tmp_path: pathlib.Path, poisoned):
+    config = tiny_train_config(total_steps=12, checkpoint_every_steps=1, log_every_steps=100)
+    bad_steps = poisoned_steps(config)
+    with pytest.raises(train.NonFiniteError, match=f"at step {bad_steps[0]} ") as error:
+        train.train_and_evaluate(config, str(tmp_path))
+    suggested = re.search(r"--config\.skip_nonfinite_steps=(\d+)", str(error.value))
+    assert suggested, str(error.value)
+    config = tiny_train_config(
+        total_steps=12, checkpoint_every_steps=1, log_every_steps=100, skip_nonfinite_steps=int(suggested[1])
+    )
+    state = train.train_and_evaluate(config, str(tmp_path))  # resumes from step bad_steps[0] - 1
+    assert int(state.step) == 12
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))
+    assert int(state.opt_state.total_notfinite) == len(bad_steps)

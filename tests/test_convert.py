@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.numpy
 import torch
 from flax import nnx
 
-from mae_jax import checkpointing, convert
+from mae_jax import checkpointing, convert, pretrained
 from mae_jax.models.mae import MAE, MAEConfig
 from mae_jax.models.vit import patchify
+from mae_jax.pretrained import PretrainedError
+from tests.conftest import REPO
 
 CONFIG = MAEConfig.from_variant("mu/8", 32, decoder_width=32, decoder_depth=1, decoder_heads=2)
 
@@ -227,4 +233,48 @@ def test_cli_import_export_round_trip(model, official, tmp_path):
     )
     config, state = checkpointing.load_params(tmp_path / "enc_params")
     assert config == MAEConfig(CONFIG.encoder, norm_pix_loss=False)
+    assert_states_equal(state["encoder"], nnx.state(model)["encoder"])
+
+
+def run_convert(*args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "mae_jax.convert", *args]
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+
+
+def test_cli_import_errors_are_one_line(official, tmp_path):
+    (tmp_path / "notes.pth").write_text("not a checkpoint\n")
+    partial = {key: value for key, value in official.items() if key != "blocks.1.norm2.bias"}
+    convert.save_pth(tmp_path / "partial.pth", partial)
+    cases = {
+        "notes.pth": r"error: \S+notes.pth is not a PyTorch checkpoint that loads without running code \(\w+\)",
+        "partial.pth": r"error: checkpoint does not match ViT mu/8 MAE .*: missing \['blocks.1.norm2.bias'\]",
+        "absent.pth": r"error: \S+absent.pth does not exist",
+    }
+    for name, message in cases.items():
+        result = run_convert("import", str(tmp_path / name), str(tmp_path / f"out_{name}"), "--decoder-heads", "2")
+        assert result.returncode == 1, result.stderr
+        assert "Traceback" not in result.stderr, result.stderr
+        assert re.fullmatch(message, result.stderr.strip().splitlines()[-1]), result.stderr
+        assert not (tmp_path / f"out_{name}").exists()
+
+
+def test_safetensors_round_trip_needs_no_torch(model, official, tmp_path, monkeypatch):
+    convert.save_pth(tmp_path / "in.pth", official)
+    convert.main(["import", str(tmp_path / "in.pth"), str(tmp_path / "params"), "--decoder-heads", "2"])
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now fails, as without PyTorch
+    convert.main(["export", str(tmp_path / "params"), str(tmp_path / "out.safetensors")])
+    exported = safetensors.numpy.load_file(tmp_path / "out.safetensors")
+    assert sorted(exported) == sorted(official)
+    for key, value in exported.items():
+        np.testing.assert_array_equal(value, official[key], err_msg=key)
+    convert.main(["import", str(tmp_path / "out.safetensors"), str(tmp_path / "again"), "--decoder-heads", "2"])
+    config, state = checkpointing.load_params(tmp_path / "again")
+    assert config == CONFIG
+    assert_states_equal(state, nnx.state(model))
+
+    with pytest.raises(SystemExit, match=r"^error: \.pth files need PyTorch.*`pip install torch`"):
+        convert.main(["export", str(tmp_path / "params"), str(tmp_path / "out.pth")])
+    with pytest.raises(PretrainedError, match=r"\.pth files need PyTorch.*`pip install torch`"):
+        pretrained.load(str(tmp_path / "in.pth"))
+    _, state = pretrained.load(str(tmp_path / "out.safetensors"))  # fine-tuning's init= takes it too
     assert_states_equal(state["encoder"], nnx.state(model)["encoder"])

@@ -1,4 +1,5 @@
-"""Weighted kNN: hand-computed votes, blobs vs random labels, the evaluator's features, the train loop's summary."""
+"""Weighted kNN: hand-computed votes, blobs vs random labels, the evaluator's features and class-stratified
+subsets, the train loop's summary."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import pathlib
 import jax
 import numpy as np
 import pytest
+from PIL import Image
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
 
@@ -61,13 +63,36 @@ def test_separable_blobs_are_classified_and_random_labels_are_chance():
 def test_evaluator_features_are_the_cls_token_of_each_valid_example(tmp_path: pathlib.Path, tiny_model):
     written = write_fashion_mnist(tmp_path, num_train=40, num_test=10)
     evaluator = KnnEvaluator(fashion_config(tmp_path))
-    source = input_pipeline.make_source(fashion_config(tmp_path).dataset)
-    features, labels = evaluator.features(tiny_model.encoder, source, limit=30)  # 4 batches of 8, 2 padding rows
+    source = input_pipeline.Subset(input_pipeline.make_source(fashion_config(tmp_path).dataset), np.arange(30))
+    features, labels = evaluator.features(tiny_model.encoder, source)  # 4 batches of 8, 2 padding rows
     np.testing.assert_array_equal(labels, written["train"][1][:30])
     images = np.stack([input_pipeline.eval_transform(input_pipeline.decode(source[i]["image"]), 32) for i in (0, 29)])
     expected = tiny_model.encoder(input_pipeline.normalize(images))[:, 0]
     np.testing.assert_allclose(features[[0, 29]], expected, rtol=1e-4, atol=1e-5)
     assert evaluator.evaluate(tiny_model.encoder) == {"knn_top1": 1.0}  # each class is its own pattern
+
+
+def write_flat_colors(root: pathlib.Path, per_class: int, rng: np.random.Generator) -> None:
+    """root/<class>/<i>.png, sorted by class as ImageNet's folders: class k is a flat color (plus noise)."""
+    colors = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0], [255, 0, 255],
+                       [0, 255, 255], [255, 255, 255], [0, 0, 0], [128, 64, 0], [0, 128, 64]])  # fmt: skip
+    for label, color in enumerate(colors):
+        (root / f"class{label}").mkdir(parents=True)
+        for i in range(per_class):
+            noisy = np.clip(color + rng.integers(-8, 9, (24, 20, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(noisy).save(root / f"class{label}" / f"{i:02d}.png")
+
+
+def test_knn_subsets_of_a_class_sorted_folder_cover_every_class(tmp_path: pathlib.Path, tiny_model):
+    rng = np.random.default_rng(0)
+    write_flat_colors(tmp_path / "train", 20, rng)
+    write_flat_colors(tmp_path / "test", 5, rng)
+    config = fashion_config(
+        tmp_path,
+        **{"dataset.source": "folder", "knn.eval_split": "test", "knn.num_train": 50, "knn.num_eval": 1000},
+    )
+    # the first 50 training images are classes 0-2 only, which would cap the accuracy at 0.3 (chance: 0.1)
+    assert KnnEvaluator(config).evaluate(tiny_model.encoder)["knn_top1"] >= 0.9
 
 
 def test_unlabeled_data_is_refused_at_start():

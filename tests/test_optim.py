@@ -13,10 +13,11 @@ import pytest
 import torch
 from flax import nnx
 
-from mae_jax import optim
+from mae_jax import convert, finetune, optim
 from mae_jax.configuration import base_config
+from mae_jax.models.classifier import FINETUNE, Classifier, ClassifierConfig
 from mae_jax.models.mae import MAE
-from mae_jax.models.vit import Encoder, EncoderConfig
+from mae_jax.models.vit import EncoderConfig
 
 
 def test_decay_mask_follows_official_rule(tiny_model: MAE):
@@ -84,14 +85,16 @@ def test_adamw_matches_torch_with_official_param_groups(tiny_model: MAE):
 # ---------------------------------------------------------------------------------------------------
 # Downstream optimizers
 # ---------------------------------------------------------------------------------------------------
-class ToyClassifier(nnx.Module):
-    """The parameter layout of a fine-tuning classifier: encoder, fc_norm (global pool) and head."""
+ENCODER = EncoderConfig.from_variant("mu/8", 32)  # depth 2, width 64, 4 x 4 patches
 
-    def __init__(self):
-        rngs = nnx.Rngs(0)
-        self.encoder = Encoder(EncoderConfig.from_variant("mu/8", 32), rngs=rngs)  # depth 2
-        self.fc_norm = nnx.LayerNorm(64, rngs=rngs)
-        self.head = nnx.Linear(64, 10, rngs=rngs)
+
+def classifier() -> Classifier:
+    """The fine-tuning classifier (global pool: fc_norm, head), whose position table is a parameter."""
+    return Classifier(ClassifierConfig(ENCODER, 10, protocol=FINETUNE), rngs=nnx.Rngs(0))
+
+
+def trained_params(model: Classifier) -> nnx.State:
+    return nnx.state(model, finetune.trained_filter(FINETUNE))
 
 
 def downstream_config(**overrides) -> ml_collections.ConfigDict:
@@ -99,19 +102,71 @@ def downstream_config(**overrides) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(values | overrides)
 
 
-def official_name(path) -> str:
-    """The torch parameter name of the official ViT: no "encoder." prefix, no trailing ".value"."""
-    name = jax.tree_util.keystr(path, simple=True, separator=".").removesuffix(".value")
-    return name.removeprefix("encoder.")
+class OfficialBlock(torch.nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.norm1 = torch.nn.LayerNorm(width, eps=1e-6)
+        self.attn = torch.nn.Module()
+        self.attn.qkv = torch.nn.Linear(width, 3 * width)
+        self.attn.proj = torch.nn.Linear(width, width)
+        self.norm2 = torch.nn.LayerNorm(width, eps=1e-6)
+        self.mlp = torch.nn.Module()
+        self.mlp.fc1 = torch.nn.Linear(width, 4 * width)
+        self.mlp.fc2 = torch.nn.Linear(4 * width, width)
+
+
+class OfficialClassifier(torch.nn.Module):
+    """The parameters of the official fine-tuning model, `models_vit.VisionTransformer(global_pool=True)`
+    (timm's ViT without `norm`), by the official names and shapes. Only the parameters matter here."""
+
+    def __init__(self, config: EncoderConfig, num_classes: int):
+        super().__init__()
+        width = config.width
+        self.cls_token = torch.nn.Parameter(torch.zeros(1, 1, width))
+        self.pos_embed = torch.nn.Parameter(torch.zeros(1, 1 + config.num_patches, width))
+        self.patch_embed = torch.nn.Module()
+        self.patch_embed.proj = torch.nn.Conv2d(3, width, config.patch_size, config.patch_size)
+        self.blocks = torch.nn.ModuleList([OfficialBlock(width) for _ in range(config.depth)])
+        self.fc_norm = torch.nn.LayerNorm(width, eps=1e-6)
+        self.head = torch.nn.Linear(width, num_classes)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed", "cls_token"}  # timm's VisionTransformer.no_weight_decay
 
 
 def official_layer_id(name: str, num_layers: int) -> int:
-    """util/lr_decay.get_layer_id_for_vit, on torch-style names."""
-    if name in ("cls_token", "pos_embed") or name.startswith("patch_embed"):
+    """util/lr_decay.get_layer_id_for_vit."""
+    if name in ("cls_token", "pos_embed"):
+        return 0
+    if name.startswith("patch_embed"):
         return 0
     if name.startswith("blocks"):
         return int(name.split(".")[1]) + 1
     return num_layers
+
+
+def official_param_groups(model: torch.nn.Module, weight_decay: float, layer_decay: float) -> dict[str, dict]:
+    """util/lr_decay.param_groups_lrd (main_finetune.py's call), keyed by group name."""
+    num_layers = len(model.blocks) + 1
+    layer_scales = [layer_decay ** (num_layers - i) for i in range(num_layers + 1)]
+    groups: dict[str, dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        decay = not (p.ndim == 1 or name in model.no_weight_decay())
+        layer = official_layer_id(name, num_layers)
+        group = groups.setdefault(
+            f"layer_{layer}_{'decay' if decay else 'no_decay'}",
+            {
+                "lr_scale": layer_scales[layer],
+                "weight_decay": weight_decay if decay else 0.0,
+                "params": [],
+                "names": [],
+            },
+        )
+        group["params"].append(p)
+        group["names"].append(name)
+    return groups
 
 
 def test_layer_id_accepts_string_and_integer_keys():
@@ -123,68 +178,64 @@ def test_layer_id_accepts_string_and_integer_keys():
 
 
 def test_layer_scales_follow_official_rule():
-    params = nnx.state(ToyClassifier(), nnx.Param)
     decay = 0.5
-    scales = nnx.to_pure_dict(optim.layer_scales(params, depth=2, decay=decay))
+    scales = nnx.to_pure_dict(optim.layer_scales(trained_params(classifier()), depth=2, decay=decay))
     encoder = scales["encoder"]
     assert encoder["patch_embed"]["proj"]["kernel"] == encoder["patch_embed"]["proj"]["bias"] == decay**3
-    assert encoder["cls_token"] == decay**3
+    assert encoder["cls_token"] == encoder["pos_embed"] == decay**3
     assert encoder["blocks"][0]["attn"]["qkv"]["kernel"] == encoder["blocks"][0]["norm1"]["scale"] == decay**2
     assert encoder["blocks"][1]["mlp"]["fc2"]["bias"] == decay
     assert encoder["norm"]["scale"] == scales["fc_norm"]["bias"] == scales["head"]["kernel"] == 1.0
 
 
 def test_finetune_decay_mask_follows_official_rule():
-    mask = nnx.to_pure_dict(optim.finetune_decay_mask(nnx.state(ToyClassifier(), nnx.Param)))
-    assert not mask["encoder"]["cls_token"]  # decayed in pretraining, not here
+    mask = nnx.to_pure_dict(optim.finetune_decay_mask(trained_params(classifier())))
+    assert not mask["encoder"]["cls_token"] and not mask["encoder"]["pos_embed"]  # decayed in pretraining, not here
     assert mask["encoder"]["patch_embed"]["proj"]["kernel"] and mask["head"]["kernel"]
     assert mask["encoder"]["blocks"][1]["attn"]["proj"]["kernel"]
     assert not mask["encoder"]["blocks"][1]["attn"]["proj"]["bias"] and not mask["head"]["bias"]
     assert not mask["encoder"]["norm"]["scale"] and not mask["fc_norm"]["scale"]
 
 
-def test_finetune_adamw_matches_torch_with_official_layer_decay_groups():
-    config = downstream_config()
-    params = nnx.state(ToyClassifier(), nnx.Param)
-    depth = 2
-    lr_schedule = optax.linear_schedule(1e-3, 2e-4, transition_steps=3)
-    tx = optim.make_finetune_optimizer(config, lr_schedule, depth)
-    opt_state = tx.init(params)
+def test_finetune_adamw_matches_official_layer_decay_groups_per_official_name():
+    """Three AdamW steps of mae_jax's fine-tuning optimizer against torch.optim.AdamW on the official
+    model's parameters grouped by util/lr_decay.param_groups_lrd, compared name by official name."""
+    config = downstream_config(weight_decay=0.3, layer_decay=0.5)  # far from 1: a wrong group shows
+    model = classifier()
+    params = trained_params(model)
+    official = OfficialClassifier(ENCODER, 10)
+    initial = convert.classifier_to_official(nnx.state(model))
+    official.load_state_dict({key: torch.tensor(value) for key, value in initial.items()}, strict=True)
+    trained = dict(official.named_parameters())
+    # Every parameter the official fine-tuning trains is trained here, the position table included.
+    assert sorted(convert.classifier_to_official(params)) == sorted(trained)
 
-    # util/lr_decay.param_groups_lrd: one group per (layer id, decay or not), each with its lr_scale.
-    paths_and_leaves = jax.tree_util.tree_flatten_with_path(params)[0]
-    torch_params = [torch.nn.Parameter(torch.tensor(np.asarray(p))) for _, p in paths_and_leaves]
-    no_decay = {"cls_token", "pos_embed"}
-    groups: dict[tuple[int, bool], dict] = {}
-    for (path, _), p in zip(paths_and_leaves, torch_params, strict=True):
-        name = official_name(path)
-        decayed = not (p.ndim == 1 or name in no_decay)
-        layer = official_layer_id(name, depth + 1)
-        group = groups.setdefault(
-            (layer, decayed),
-            {
-                "params": [],
-                "weight_decay": config.weight_decay if decayed else 0.0,
-                "lr_scale": config.layer_decay ** (depth + 1 - layer),
-            },
-        )
-        group["params"].append(p)
-    assert len(groups) == 2 * (depth + 2)
-    torch_opt = torch.optim.AdamW(list(groups.values()), lr=0.0, betas=(config.b1, config.b2))
+    groups = official_param_groups(official, config.weight_decay, config.layer_decay)
+    assert groups["layer_0_no_decay"]["names"] == ["cls_token", "pos_embed", "patch_embed.proj.bias"]
+    assert groups["layer_0_decay"]["names"] == ["patch_embed.proj.weight"]
+    lr_schedule = optax.linear_schedule(1e-2, 2e-3, transition_steps=3)
+    tx = optim.make_finetune_optimizer(config, lr_schedule, ENCODER.depth)
+    opt_state = tx.init(params)
+    torch_opt = torch.optim.AdamW(
+        [{key: group[key] for key in ("params", "weight_decay", "lr_scale")} for group in groups.values()],
+        lr=0.0,
+        betas=(config.b1, config.b2),
+    )
 
     rng = np.random.default_rng(0)
     for step in range(3):
         for group in torch_opt.param_groups:  # util/lr_sched.adjust_learning_rate
             group["lr"] = float(lr_schedule(step)) * group["lr_scale"]
-        grads_np = [rng.normal(size=p.shape).astype(np.float32) for _, p in paths_and_leaves]
-        grads = jax.tree.unflatten(jax.tree.structure(params), grads_np)
+        grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        for p, g in zip(torch_params, grads_np, strict=True):
-            p.grad = torch.tensor(g)
+        for name, grad in convert.classifier_to_official(grads).items():
+            trained[name].grad = torch.tensor(grad)
         torch_opt.step()
-    for ours, theirs in zip(jax.tree.leaves(params), torch_params, strict=True):
-        np.testing.assert_allclose(np.asarray(ours), theirs.detach().numpy(), atol=1e-6)
+    ours = convert.classifier_to_official(params)
+    for name, theirs in official.named_parameters():
+        np.testing.assert_allclose(ours[name], theirs.detach().numpy(), rtol=1e-6, atol=1e-6, err_msg=name)
+    assert not np.array_equal(ours["pos_embed"], initial["pos_embed"])
 
 
 def test_lars_matches_hand_computed_official_update():

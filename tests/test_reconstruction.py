@@ -26,3 +26,47 @@ def test_panels_and_grid(tiny_model: MAE):
 
     image = reconstruction.grid(panels)
     assert image.dtype == np.uint8 and image.shape == (2 * 34 + 2, 4 * 34 + 2, 3)
+
+
+IMAGENET_MEAN, IMAGENET_STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+
+
+def patches_by_hand(images: np.ndarray, p: int) -> np.ndarray:
+    """(N, H, W, 3) -> (N, L, p*p*3): the official patchify, patches row-major, values (row, column, channel)."""
+    n, height, width, _ = images.shape
+    grid = images.reshape(n, height // p, p, width // p, p, 3).transpose(0, 1, 3, 2, 4, 5)
+    return grid.reshape(n, (height // p) * (width // p), p * p * 3)
+
+
+def image_by_hand(patches: np.ndarray, p: int) -> np.ndarray:
+    n, length, _ = patches.shape
+    side = round(length**0.5)
+    return patches.reshape(n, side, side, p, p, 3).transpose(0, 1, 3, 2, 4, 5).reshape(n, side * p, side * p, 3)
+
+
+def test_norm_pix_reconstruction_is_denormalized_with_each_patch_statistics(tiny_model: MAE):
+    """Against a numpy computation from the definition: the norm-pix target of a patch is (t - mean) /
+    sqrt(var + 1e-6) with its unbiased variance, so pixels are pred * sqrt(var + 1e-6) + mean, then the
+    ImageNet normalization is undone for display."""
+    assert tiny_model.config.norm_pix_loss
+    graphdef, params, fixed = nnx.split(tiny_model, nnx.Param, ...)
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3)).astype(np.float64) / 255
+    images = ((pixels - IMAGENET_MEAN) / IMAGENET_STD).astype(np.float32)  # as the train step normalizes them
+    noise = np.random.default_rng(1).uniform(size=(2, 16)).astype(np.float32)
+    panels = np.asarray(reconstruction.make_reconstruct_fn(graphdef, 0.75)(params, fixed, images, noise))
+    out = tiny_model(images, 0.75, noise=noise)
+
+    target = patches_by_hand(images.astype(np.float64), 8)
+    mean, var = target.mean(axis=-1, keepdims=True), target.var(axis=-1, ddof=1, keepdims=True)
+    recon = image_by_hand(np.asarray(out.pred, np.float64) * np.sqrt(var + 1e-6) + mean, 8)
+    removed = image_by_hand(np.repeat(np.asarray(out.mask)[:, :, None], 8 * 8 * 3, axis=-1), 8) == 1
+    np.testing.assert_allclose(panels[:, 2], recon, atol=1e-5)
+    np.testing.assert_allclose(panels[:, 3], np.where(removed, recon, images), atol=1e-5)
+
+    grid = reconstruction.grid(panels)  # 2-pixel gaps around 32 x 32 panels
+    for column, expected in [(2, recon), (3, np.where(removed, recon, images))]:
+        shown = np.clip(expected * IMAGENET_STD + IMAGENET_MEAN, 0, 1) * 255
+        assert np.mean((shown > 0) & (shown < 255)) > 0.9  # clipping hides few pixels
+        for row in range(2):
+            cell = grid[2 + row * 34 : 2 + row * 34 + 32, 2 + column * 34 : 2 + column * 34 + 32]
+            assert np.max(np.abs(cell - shown[row])) <= 0.5 + 1e-3, (row, column)  # rounded to the nearest level

@@ -99,6 +99,7 @@ def bookkeeper(
     return train.Bookkeeper(
         config, manager, writer, input_pipeline.SkippedImages(),
         start_step=start_step, total_steps=50, workdir=workdir, flops_per_step=flops_per_step,
+        run_record=config.to_dict(),
     )  # fmt: skip
 
 

@@ -106,9 +106,9 @@ state = {"step": 0, "params": params, "fixed": fixed, "opt_state": jax.jit(optax
 mesh = jax.sharding.Mesh(jax.devices(), ("data",))
 state = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
 manager = checkpointing.make_manager(epath.Path(sys.argv[1]), keep=3)
-checkpointing.save(manager, 1, state, {}, config.to_dict())
+checkpointing.save(manager, 1, state, config.to_dict())
 state["params"] = jax.tree.map(lambda x: x + 1, state["params"])
-checkpointing.save(manager, 2, state, {}, config.to_dict())
+checkpointing.save(manager, 2, state, config.to_dict())
 manager.wait_until_finished()
 np.savez(sys.argv[2], *jax.tree.leaves(state["params"]))
 """

@@ -76,15 +76,21 @@ def _cls_features(
 class KnnEvaluator:
     """kNN top-1 on `config.knn`'s splits of `config.dataset`; every host computes the same number.
 
-    The sources are opened here, so a missing split or unlabeled data fails at start. Each host feeds its
-    rows of a global batch (`input_pipeline.eval_batches`); features come back replicated to every host.
+    The sources are opened here, so a missing split or unlabeled data fails at start. Each split is a subset
+    of `knn.num_train` / `knn.num_eval` examples drawn with `config.seed` (`input_pipeline.sample_subset`:
+    stratified by class where labels are cheap), the same at every evaluation, on every host. Each host feeds
+    its rows of a global batch (`input_pipeline.eval_batches`); features come back replicated to every host.
     """
 
     def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None):
         self._knn = config.knn
         self._image_size, self._num_threads = config.image_size, config.input.num_threads
-        self._train = self._source(config.dataset, config.knn.train_split)
-        self._test = self._source(config.dataset, config.knn.eval_split)
+        self._train = input_pipeline.sample_subset(
+            self._source(config.dataset, config.knn.train_split), config.knn.num_train, config.seed
+        )
+        self._test = input_pipeline.sample_subset(
+            self._source(config.dataset, config.knn.eval_split), config.knn.num_eval, config.seed
+        )
         mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
         self._batch_sharding = sharding.batch_sharding(mesh)
         self._features = jax.jit(_cls_features, static_argnums=0, out_shardings=sharding.replicated(mesh))
@@ -101,15 +107,14 @@ class KnnEvaluator:
             )
         return source
 
-    def features(self, encoder: Encoder, source: Sequence, limit: int) -> tuple[np.ndarray, np.ndarray]:
-        """(features, labels) of the readable ones among the first `limit` examples, on every host."""
+    def features(self, encoder: Encoder, source: Sequence) -> tuple[np.ndarray, np.ndarray]:
+        """(features, labels) of the source's readable examples, on every host."""
         graphdef, state = nnx.split(encoder)
         features, labels = [], []
         for batch in input_pipeline.eval_batches(
             source,
             self._image_size,
             self._knn.batch_size,
-            limit=limit,
             num_threads=self._num_threads,
             skipped=self._skipped,
         ):
@@ -124,8 +129,8 @@ class KnnEvaluator:
 
     def evaluate(self, encoder: Encoder) -> dict[str, float]:
         """{"knn_top1": accuracy in [0, 1]} of the encoder's current features."""
-        train_features, train_labels = self.features(encoder, self._train, self._knn.num_train)
-        test_features, test_labels = self.features(encoder, self._test, self._knn.num_eval)
+        train_features, train_labels = self.features(encoder, self._train)
+        test_features, test_labels = self.features(encoder, self._test)
         predictions = knn_classify(
             train_features,
             train_labels,

@@ -1,7 +1,8 @@
 """The ViT classifier of the paper's two evaluation protocols, around an MAE-pretrained `Encoder`.
 
 Fine-tuning (official `models_vit.VisionTransformer(global_pool=True)`): average of the patch tokens,
-`fc_norm` LayerNorm, linear head initialised with std 2e-5; drop path in the blocks.
+`fc_norm` LayerNorm, linear head initialised with std 2e-5; drop path in the blocks. The position table is
+a parameter, as in timm's ViT: fine-tuning trains it, starting from the pretrained sin-cos table.
 Linear probing (official `main_linprobe.py`): cls token after the encoder's final norm, BatchNorm without
 affine (eps 1e-6), linear head initialised with std 0.01; the encoder is frozen by the training loop.
 """
@@ -14,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mae_jax.models.vit import Compute, Encoder, EncoderConfig, layer_norm
+from mae_jax.models.vit import Compute, Encoder, EncoderConfig, layer_norm, truncated_normal
 
 FINETUNE, LINPROBE = "finetune", "linprobe"
 # PyTorch's BatchNorm1d momentum 0.1 is flax's 0.9: the running average keeps 90 % of its old value.
@@ -35,16 +36,13 @@ class ClassifierConfig:
             raise ValueError(f"protocol {self.protocol!r} must be {FINETUNE!r} or {LINPROBE!r}")
 
 
-def truncated_normal(stddev: float) -> jax.nn.initializers.Initializer:
-    """timm's trunc_normal_(std) with its default absolute bounds of +-2, which at these stds never bind."""
-    return jax.nn.initializers.truncated_normal(stddev, lower=-2.0 / stddev, upper=2.0 / stddev)
-
-
 class Classifier(nnx.Module):
     def __init__(self, config: ClassifierConfig, *, rngs: nnx.Rngs):
         self.config = config
         width = config.encoder.width
-        self.encoder = Encoder(config.encoder, compute=config.compute, drop_path=config.drop_path, rngs=rngs)
+        self.encoder = Encoder(
+            config.encoder, compute=config.compute, drop_path=config.drop_path, trained_pos_embed=True, rngs=rngs
+        )
         if config.protocol == FINETUNE:
             self.fc_norm = layer_norm(width, rngs, config.compute.jnp_dtype) if config.global_pool else None
             head_std = 2e-5

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import einops
 import jax
@@ -20,6 +21,12 @@ from flax import nnx
 LAYER_NORM_EPS = 1e-6
 xavier_uniform = jax.nn.initializers.xavier_uniform()
 token_init = jax.nn.initializers.normal(stddev=0.02)
+
+
+def truncated_normal(stddev: float) -> jax.nn.initializers.Initializer:
+    """timm's trunc_normal_(std) with its default absolute bounds of +-2, which at these stds never bind."""
+    return jax.nn.initializers.truncated_normal(stddev, lower=-2.0 / stddev, upper=2.0 / stddev)
+
 
 # Encoder variants: name -> (width, depth, heads). Patch size is given separately, as in "B/16".
 VARIANTS: dict[str, tuple[int, int, int]] = {
@@ -57,6 +64,10 @@ class Compute:
 
 class FixedEmbedding(nnx.Variable):
     """A position table that is saved with the model but never trained (not an `nnx.Param`)."""
+
+
+# timm's VisionTransformer (the official classifier) initialises its trained position table so.
+TRAINED_POS_EMBED_STD = 0.02
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +112,51 @@ def sincos_2d(width: int, grid_size: int) -> np.ndarray:
     rows, cols = np.meshgrid(np.arange(grid_size), np.arange(grid_size), indexing="ij")
     table = np.concatenate([sincos_1d(width // 2, cols), sincos_1d(width // 2, rows)], axis=1)
     return np.concatenate([np.zeros((1, width)), table], axis=0).astype(np.float32)
+
+
+# torch.nn.functional.interpolate(mode="bicubic")'s cubic convolution coefficient (jax.image.resize: -0.5).
+TORCH_BICUBIC_A = -0.75
+
+
+def _cubic_kernel(distance: float) -> float:
+    """Keys' cubic convolution kernel with a = TORCH_BICUBIC_A, at |distance| < 2 from a tap."""
+    a, x = TORCH_BICUBIC_A, abs(distance)
+    if x <= 1:
+        return ((a + 2) * x - (a + 3)) * x * x + 1
+    return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+
+
+def torch_bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """(out, in) float64 weights of torch's bicubic `interpolate(size=..., align_corners=False)` on one axis.
+
+    Output i samples the input at (i + 0.5) * in / out - 0.5 from its four nearest taps; taps beyond the
+    border take the border value (torch clamps the indices). No antialiasing, as torch's default.
+    """
+    matrix = np.zeros((out_size, in_size))
+    for out in range(out_size):
+        source = (out + 0.5) * in_size / out_size - 0.5
+        left = math.floor(source)
+        for tap in range(left - 1, left + 3):
+            matrix[out, min(max(tap, 0), in_size - 1)] += _cubic_kernel(source - tap)
+    return matrix
+
+
+def resize_position_table(table: np.ndarray, grid_size: int) -> np.ndarray:
+    """A (1, 1 + G*G, D) position table for a `grid_size` grid, as the official `interpolate_pos_embed`.
+
+    The cls row is kept; the G x G grid rows are resampled with torch's bicubic interpolation (cubic
+    coefficient -0.75, unlike jax.image.resize's -0.5), separably along rows and columns.
+    """
+    table = np.asarray(table, np.float64)
+    old_grid = math.isqrt(table.shape[1] - 1)
+    if old_grid * old_grid != table.shape[1] - 1:
+        raise ValueError(f"position table of {table.shape[1]} rows is not 1 + G*G")
+    if old_grid == grid_size:
+        return table.astype(np.float32)
+    weights = torch_bicubic_matrix(old_grid, grid_size)
+    grid = table[0, 1:].reshape(old_grid, old_grid, -1)
+    resized = np.einsum("yi,xj,ijd->yxd", weights, weights, grid).reshape(grid_size * grid_size, -1)
+    return np.concatenate([table[0, :1], resized])[None].astype(np.float32)
 
 
 def split_batch(x: jax.Array) -> jax.Array:
@@ -385,14 +441,29 @@ class Block(nnx.Module):
 class Encoder(nnx.Module):
     """The ViT encoder. Called on images it sees every token (downstream use); MAE calls the parts."""
 
-    def __init__(self, config: EncoderConfig, *, compute: Compute = Compute(), drop_path: float = 0.0, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        config: EncoderConfig,
+        *,
+        compute: Compute = Compute(),
+        drop_path: float = 0.0,
+        trained_pos_embed: bool = False,
+        rngs: nnx.Rngs,
+    ):
+        """`trained_pos_embed`: the position table is an `nnx.Param`, as in the official classifier (timm's
+        ViT), drawn from trunc_normal(std 0.02) until a pretrained table replaces it. Otherwise it is the fixed
+        sin-cos table of MAE pretraining, which the official code never trains."""
         if config.image_size % config.patch_size:
             raise ValueError(f"image_size {config.image_size} is not divisible by patch_size {config.patch_size}")
         self.config = config
         self.remat = compute.remat
         self.patch_embed = PatchEmbed(config.patch_size, config.width, dtype=compute.jnp_dtype, rngs=rngs)
         self.cls_token = nnx.Param(token_init(rngs.params(), (1, 1, config.width)))
-        self.pos_embed = FixedEmbedding(jnp.asarray(sincos_2d(config.width, config.grid_size))[None])
+        if trained_pos_embed:
+            shape = (1, 1 + config.num_patches, config.width)
+            self.pos_embed = nnx.Param(truncated_normal(TRAINED_POS_EMBED_STD)(rngs.params(), shape))
+        else:
+            self.pos_embed = FixedEmbedding(jnp.asarray(sincos_2d(config.width, config.grid_size))[None])
         self.blocks = nnx.List(
             [
                 # Drop-path rates rise linearly with depth to `drop_path`, as in timm.
