@@ -295,7 +295,14 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any) -> Any:
     if step is None:
         return None
     args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
-    return manager.restore(step, args=args).state
+    try:
+        return manager.restore(step, args=args).state
+    except ValueError as error:  # Orbax: the saved tree is not this train state's (another mae_jax version)
+        cause = str(error).strip().splitlines()[0]
+        raise CheckpointError(
+            f"{manager.directory}/{step} holds a train state of another layout than this run's ({cause}); it was "
+            "written by another mae_jax version: resume it with that version, or use another --workdir"
+        ) from error
 
 
 def restore_train_state(manager: ocp.CheckpointManager, abstract_state: Any) -> Any:

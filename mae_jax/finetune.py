@@ -229,6 +229,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     eval_source = input_pipeline.make_source(eval_dataset)
     input_pipeline.check_labels(source, config.num_classes)
     input_pipeline.check_labels(eval_source, config.num_classes)
+    input_pipeline.check_same_classes(source, eval_source)
     total_steps, warmup_steps = schedule_steps(config, len(source))
     record = checkpointing.run_record(
         config, num_examples=len(source), total_steps=total_steps, warmup_steps=warmup_steps

@@ -237,6 +237,7 @@ class Subset(Sequence):
         self._source, self._indices = source, indices
         self.description = getattr(source, "description", type(source).__name__)
         self.num_classes = getattr(source, "num_classes", None)
+        self.classes = getattr(source, "classes", None)
         labels = known_labels(source)
         self._labels = None if labels is None else labels[indices]
 
@@ -283,6 +284,21 @@ def check_labels(source: Sequence, num_classes: int) -> None:
         outside = np.flatnonzero((labels < 0) | (labels >= num_classes))
         if outside.size:
             raise label_error(int(labels[outside[0]]), source[int(outside[0])]["name"], num_classes)
+
+
+def check_same_classes(train: Sequence, other: Sequence) -> None:
+    """ConfigError when two splits of a folder dataset list different class folders: each folder numbers its
+    classes in sorted order, so one class missing from the evaluation split shifts every later label."""
+    train_classes, other_classes = getattr(train, "classes", None), getattr(other, "classes", None)
+    if train_classes is None or other_classes is None or train_classes == other_classes:
+        return
+    only_train = sorted(set(train_classes) - set(other_classes))[:3]
+    only_other = sorted(set(other_classes) - set(train_classes))[:3]
+    raise ConfigError(
+        f"{other.description} and {train.description} have different class folders ({len(other_classes)} vs "
+        f"{len(train_classes)}; only in the training split: {only_train}, only in the other: {only_other}), so their "
+        "labels would not match"
+    )
 
 
 class LabelChecked:
@@ -691,7 +707,7 @@ def fixed_eval_images(source: Sequence, count: int, size: int) -> np.ndarray:
         record = source[index]
         try:
             images.append(eval_transform(decode(record["image"]), size))
-        except (OSError, ValueError, SyntaxError) as error:  # what PIL raises for corrupt or truncated files
+        except UNREADABLE_IMAGE_ERRORS as error:
             first_error = first_error or f"{record['name']}: {type(error).__name__}: {error}"
             continue
         if len(images) == count:
@@ -708,7 +724,7 @@ def _eval_example(index: int, source: Sequence, size: int, total: int) -> dict[s
     record = source[index]
     try:
         image = eval_transform(decode(record["image"]), size)
-    except (OSError, ValueError, SyntaxError) as error:  # what PIL raises for corrupt or truncated files
+    except UNREADABLE_IMAGE_ERRORS as error:
         return padding | {"name": record["name"], "error": f"{type(error).__name__}: {error}"}
     return {"image": image, "label": np.int32(record["label"]), "valid": True, "name": record["name"]}
 

@@ -59,7 +59,7 @@ def load_image(path: str, size: int) -> np.ndarray:
         raise VisualizeError(f"image {path} does not exist")
     try:
         return input_pipeline.eval_transform(input_pipeline.decode(file.read_bytes()), size)
-    except (OSError, ValueError, SyntaxError) as error:  # what PIL raises for non-images and truncated files
+    except input_pipeline.UNREADABLE_IMAGE_ERRORS as error:  # non-images, truncated files, decompression bombs
         raise VisualizeError(f"cannot decode image {path} ({type(error).__name__})") from error
 
 

@@ -229,3 +229,17 @@ def test_nan_recovery_the_error_message_suggests_resumes_to_the_end(tmp_path: pa
     assert int(state.step) == 12
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))
     assert int(state.opt_state.total_notfinite) == len(bad_steps)
+
+
+def test_checkpoint_of_another_train_state_layout_is_a_one_line_error(tmp_path: pathlib.Path):
+    """A workdir written by another mae_jax version (e.g. fine-tuning before its position table was trained,
+    when it sat in `fixed`) must not resume with an Orbax traceback."""
+    manager = checkpointing.make_manager(tmp_path, keep=1)
+    old = {"params": {"head": jnp.ones(3)}, "fixed": {"pos_embed": jnp.zeros((1, 5, 4))}}
+    checkpointing.save(manager, 1, old, {"batch_size": 8})
+    manager.wait_until_finished()
+    new = {"params": {"head": jnp.ones(3), "pos_embed": jnp.zeros((1, 5, 4))}, "fixed": {}}
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), new)
+    with pytest.raises(checkpointing.CheckpointError, match="another layout") as raised:
+        checkpointing.restore_latest(manager, abstract)
+    assert "\n" not in str(raised.value)

@@ -106,6 +106,25 @@ def test_fine_tuning_a_folder_with_more_classes_than_num_classes_fails_before_co
     assert str(error.value) == f"image folder {tmp_path / 'data' / 'train'} has 3 classes, more than num_classes=2"
 
 
+def test_evaluation_folder_missing_a_class_is_refused_before_compiling(tmp_path: pathlib.Path, monkeypatch):
+    """val/ without train/'s class c1 would number c2 as 1: every later label shifted, silently."""
+    write_class_folder(tmp_path / "data" / "train", [3, 3, 3])
+    write_class_folder(tmp_path / "data" / "val", [2, 2, 2])
+    (tmp_path / "data" / "val" / "c1").rename(tmp_path / "data" / "val" / "missing")
+    for image in (tmp_path / "data" / "val" / "missing").iterdir():
+        image.unlink()
+    (tmp_path / "data" / "val" / "missing").rmdir()
+
+    def compile_attempt(*args, **kwargs):
+        raise AssertionError("compiled before comparing the splits' classes")
+
+    monkeypatch.setattr(jax, "jit", compile_attempt)
+    config = with_overrides(folder_finetune_config(tmp_path / "data", 3), {"dataset.eval_split": "val"})
+    with pytest.raises(ConfigError, match=r"only in the training split: \['c1'\]") as error:
+        finetune.train_and_evaluate(config, str(tmp_path / "workdir"))
+    assert "\n" not in str(error.value)
+
+
 def test_sources_that_know_their_labels_are_checked_at_start(tmp_path: pathlib.Path):
     write_fashion_mnist(tmp_path, num_train=8, num_test=4)
     source = input_pipeline.FashionMnist(tmp_path, "train")

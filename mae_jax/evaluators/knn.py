@@ -91,6 +91,7 @@ class KnnEvaluator:
         self._test = input_pipeline.sample_subset(
             self._source(config.dataset, config.knn.eval_split), config.knn.num_eval, config.seed
         )
+        input_pipeline.check_same_classes(self._train, self._test)
         mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
         self._batch_sharding = sharding.batch_sharding(mesh)
         self._features = jax.jit(_cls_features, static_argnums=0, out_shardings=sharding.replicated(mesh))
