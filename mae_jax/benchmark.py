@@ -28,6 +28,7 @@ import ctypes
 import dataclasses
 import functools
 import gzip
+import importlib.util
 import json
 import os
 import platform
@@ -283,6 +284,13 @@ def benchmark(
     `profile_dir`: afterwards trace a few mae_jax steps there and print the longest device operations.
     """
     configuration.validate(config)
+    if with_torch:
+        missing = [name for name in ("torch", "transformers") if importlib.util.find_spec(name) is None]
+        if missing:  # test-only libraries, not dependencies of mae_jax: say so before compiling anything
+            raise configuration.ConfigError(
+                f"--torch compares with transformers' ViTMAE and needs {' and '.join(missing)}: "
+                "pip install torch==2.13.0 transformers==5.23.0 (or pip install -e '.[test]')"
+            )
     mesh = sharding.make_mesh(config.mesh)
     device = jax.devices()[0]
     devices = jax.device_count()

@@ -61,6 +61,27 @@ def test_benchmark_reports_bad_config_in_one_line(args: tuple[str, ...], message
     assert_one_line_error(run_module("mae_jax.benchmark", *args), message)
 
 
+def test_benchmark_torch_mode_without_pytorch_is_one_line_before_compiling():
+    """torch and transformers are test extras: a plain install asking for --torch gets one line before anything
+    runs, not a traceback once the mae_jax step has compiled."""
+    result = subprocess.run(
+        [sys.executable, "-c", WITHOUT_TORCH, "--config=configs/demo.py", "--torch"],
+        cwd=REPO, capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert_one_line_error(result, "error: --torch compares with transformers' ViTMAE and needs torch")
+    assert "device:" not in result.stdout  # stopped before the benchmark's first line
+
+
+# The benchmark as a plain install runs it: no torch to be found.
+WITHOUT_TORCH = """
+import importlib.util, runpy, sys
+find_spec = importlib.util.find_spec
+importlib.util.find_spec = lambda name, *args: None if name == "torch" else find_spec(name, *args)
+sys.modules["torch"] = None
+runpy.run_module("mae_jax.benchmark", run_name="__main__", alter_sys=True)
+"""
+
+
 # ---------------------------------------------------------------------------------------------------
 # The other command lines
 # ---------------------------------------------------------------------------------------------------
