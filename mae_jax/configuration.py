@@ -222,7 +222,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"dataset.source={config.dataset.source!r} must be {names} or {SOURCES[-1]!r}")
     if config.batch_size % jax.process_count():
         raise ConfigError(f"batch_size={config.batch_size} is not a multiple of the {jax.process_count()} hosts")
-    for key in ("skip_nonfinite_steps", "profile_steps"):
+    for key in ("seed", "skip_nonfinite_steps", "profile_steps"):  # seeds: numpy's generators take none < 0
         if config[key] < 0:
             raise ConfigError(f"{key}={config[key]} must be >= 0")
     for key in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):

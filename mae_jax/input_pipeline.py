@@ -358,6 +358,8 @@ def to_rgb(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(image[:, :, :3])
 
 
+# A training example looks this far for a readable image, and the reconstruction grid for its first one
+MAX_UNREADABLE_IN_A_ROW = 1000
 # What decoding raises for corrupt, truncated or oversized files (DecompressionBombError is no OSError)
 UNREADABLE_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
@@ -597,7 +599,8 @@ class TrainStream:
     def __getitem__(self, position: int) -> dict[str, Any]:
         rng = np.random.default_rng([self.seed, position])
         skipped = []
-        for attempt in range(len(self.source)):  # a bounded search that tries every record once
+        tries = min(len(self.source), MAX_UNREADABLE_IN_A_ROW)
+        for attempt in range(tries):  # bounded: a source that hardly decodes fails, not a search for hours
             record = self.source[self.record_index(position, attempt)]
             try:
                 fields = self.transform(decode(record["image"]), rng)
@@ -607,7 +610,8 @@ class TrainStream:
             fields = fields if isinstance(fields, dict) else {"image": fields}
             return {**fields, "label": np.int32(record["label"]), "skipped": skipped}
         description = getattr(self.source, "description", type(self.source).__name__)
-        raise DatasetNotFoundError(f"no decodable image among the {len(self.source)} records of {description}")
+        what = f"the {tries} records" if tries == len(self.source) else f"{tries} records in a row"
+        raise DatasetNotFoundError(f"no decodable image among {what} of {description} (last: {skipped[-1][1]})")
 
 
 def _host_example(index: int, stream: TrainStream, rows: np.ndarray, batch_size: int, start: int) -> dict[str, Any]:
@@ -701,9 +705,11 @@ def device_prefetch(
 
 def fixed_eval_images(source: Sequence, count: int, size: int) -> np.ndarray:
     """The first readable `count` images of the source (fewer if it has fewer), center-cropped: the same samples
-    at every visualization. A source with no readable image is a DatasetNotFoundError naming its first record."""
+    at every visualization. A source whose first `MAX_UNREADABLE_IN_A_ROW` images are all unreadable is a
+    DatasetNotFoundError naming the first of them."""
     images, first_error = [], None
-    for index in range(len(source)):
+    searched = min(len(source), MAX_UNREADABLE_IN_A_ROW)
+    for index in range(searched):
         record = source[index]
         try:
             images.append(eval_transform(decode(record["image"]), size))
@@ -713,7 +719,7 @@ def fixed_eval_images(source: Sequence, count: int, size: int) -> np.ndarray:
         if len(images) == count:
             break
     if not images:
-        raise DatasetNotFoundError(f"none of the {len(source)} images of the dataset decodes (first: {first_error})")
+        raise DatasetNotFoundError(f"none of the first {searched} images of the dataset decodes (first: {first_error})")
     return np.stack(images)
 
 

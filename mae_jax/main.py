@@ -117,7 +117,13 @@ def initialize_distributed() -> None:
         )
     except Exception as error:  # whatever the cause, this process must not train alone
         message = " ".join(str(error).split())  # one line
-        raise DistributedError(f"cannot join {where}: {type(error).__name__}: {message}") from error
+        alone = (
+            "; to run this process on its own, pass --coordinator_address=127.0.0.1:PORT --num_processes=1 "
+            "--process_id=0"
+            if cluster
+            else ""
+        )
+        raise DistributedError(f"cannot join {where}: {type(error).__name__}: {message}{alone}") from error
 
 
 def use_compilation_cache(config: ml_collections.ConfigDict, workdir: str) -> None:

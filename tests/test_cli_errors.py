@@ -125,7 +125,9 @@ def test_folder_of_corrupt_images_is_one_line_error_through_main(tmp_path: pathl
     root = image_folder(tmp_path / "data", readable=0, corrupt=3)
     folder = ("--config.dataset.source=folder", f"--config.dataset.data_dir={root}")
     result = run_main(tmp_path / "run", *TINY_MAIN_FLAGS, *folder)
-    assert_one_line_error(result, f"error: none of the 3 images of the dataset decodes (first: {root}/train/a/c0.jpg")
+    assert_one_line_error(
+        result, f"error: none of the first 3 images of the dataset decodes (first: {root}/train/a/c0.jpg"
+    )
     assert not list((tmp_path / "run" / "checkpoints").iterdir())  # nothing saved
 
 

@@ -36,6 +36,7 @@ def test_demo_config_is_valid():
         ("image_size", 100, "image_size=100 is not divisible by the patch size 16"),
         ("mask_ratio", 1.0, r"mask_ratio=1.0 must be in \[0, 1\)"),
         ("mask_ratio", -0.1, r"mask_ratio=-0.1 must be in \[0, 1\)"),
+        ("seed", -1, "seed=-1 must be >= 0"),
         ("batch_size", 12, "batch_size=12 is not a positive multiple of the 8 devices"),
         ("model.variant", "Q/16", "model.variant='Q/16' is not NAME/PATCH"),
         ("model.decoder_heads", 5, "model.decoder_width=512 must be divisible by 4 and by model.decoder_heads=5"),

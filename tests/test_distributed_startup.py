@@ -71,6 +71,8 @@ def test_slurm_job_with_inconsistent_ids_fails_in_one_line(tmp_path: pathlib.Pat
     result = run(tmp_path, *ONE_STEP, env=slurm_env(2, 2, free_port()))
     message = "error: cannot join the slurm cluster JAX detected: ValueError: process id 2 is not one of the 2"
     assert_one_line_error(result, tmp_path, message)
+    assert result.stderr.rstrip().endswith("to run this process on its own, pass --coordinator_address=127.0.0.1:PORT "
+                                          "--num_processes=1 --process_id=0")  # fmt: skip
 
 
 def test_slurm_job_whose_coordinator_is_unreachable_fails_in_one_line(tmp_path: pathlib.Path):
