@@ -23,6 +23,7 @@ from absl import logging
 from clu import metric_writers
 from etils import epath
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from mae_jax import (
     augment,
@@ -308,8 +309,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if not accuracy:
         accuracy = evaluate(eval_step, state, eval_source, config, mesh)
         writer.write_scalars(total_steps, {f"eval_{k}": v for k, v in accuracy.items()})
+    # Every process takes part in the gather: with FSDP over several hosts, process 0 holds part of each kernel.
+    params, fixed = multihost_utils.process_allgather((state.params, state.fixed), tiled=True)
     if jax.process_index() == 0:
-        export_classifier(workdir, nnx.merge(graphdef, state.params, state.fixed))
+        export_classifier(workdir, nnx.merge(graphdef, params, fixed))
         logging.info("Eval top-1 %.2f%%, top-5 %.2f%%", accuracy["top1"], accuracy["top5"])
     writer.flush()
     return accuracy

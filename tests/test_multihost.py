@@ -30,6 +30,7 @@ from tests.test_sharding import assert_same_params, assert_same_training, eight_
 
 STEPS = 4
 RESUME_FROM = 2  # a checkpoint of the two processes, resumed by one
+FINETUNE_MARKER = "--- fine-tuning ---"  # in the two processes' log, after the pretraining run
 
 
 def folder_config(data_dir: pathlib.Path, **overrides) -> ConfigDict:
@@ -85,6 +86,24 @@ def worker(process_id: int | None, port: int, out: pathlib.Path) -> None:
     params = final_params(state)
     if jax.process_index() == 0:
         np.savez(out / f"{name}.npz", **params)
+    if process_id is not None:  # fine-tuning with every kernel split over both processes, to its export
+        from mae_jax import finetune
+
+        print(FINETUNE_MARKER, flush=True)
+        finetune.train_and_evaluate(finetune_config(out), str(out / "finetune"))
+
+
+def finetune_config(data_dir: pathlib.Path) -> ConfigDict:
+    """A 2-step fine-tuning on the folder's 2 classes; mesh.fsdp=4 splits its kernels over both processes."""
+    from mae_jax import configuration
+    from tests.conftest import with_overrides
+
+    overrides = {
+        "dataset.source": "folder", "dataset.data_dir": str(data_dir), "dataset.eval_split": "train",
+        "num_classes": 2, "image_size": 32, "model.variant": "mu/8", "batch_size": 8, "eval_batch_size": 8,
+        "total_steps": 2, "warmup_steps": 1, "input.num_threads": 2, "mesh.fsdp": 4, "mesh.data": 1,
+    }  # fmt: skip
+    return with_overrides(configuration.downstream_config("finetune"), overrides)
 
 
 def logged_metrics(log: str) -> dict[int, dict[str, float]]:
@@ -123,7 +142,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
             proc.kill()
     for name, proc, log in zip(("process 0", "process 1", "one process"), procs, logs, strict=True):
         assert proc.returncode == 0, f"{name}:\n{log[-4000:]}"
-    return {"out": out, "two_processes_log": logs[0], "one_process_log": logs[2]}
+    pretraining_log = logs[0].partition(FINETUNE_MARKER)[0]  # its summaries, not the fine-tuning's after them
+    return {"out": out, "two_processes_log": pretraining_log, "one_process_log": logs[2]}
 
 
 def test_two_processes_train_like_one(runs: dict):
@@ -135,6 +155,20 @@ def test_two_processes_train_like_one(runs: dict):
     assert len(list(workdir.glob("events.out.tfevents.*"))) == 1  # process 1 only logs
     assert (workdir / "reconstruction.png").is_file()
     assert (workdir / "checkpoints" / str(STEPS)).is_dir()
+
+
+def test_fine_tuning_split_over_two_processes_exports_its_classifier(runs: dict):
+    """The export gathers the kernels from both processes: process 0 alone holds half of each."""
+    from flax import nnx
+    from safetensors.numpy import load_file
+
+    from mae_jax import convert, finetune
+    from mae_jax.models.classifier import Classifier
+
+    exported = load_file(runs["out"] / "finetune" / finetune.CLASSIFIER_FILE)
+    model_config = finetune.classifier_config(finetune_config(runs["out"]))
+    expected = convert.classifier_to_official(nnx.state(Classifier(model_config, rngs=nnx.Rngs(0))))
+    assert {k: v.shape for k, v in exported.items()} == {k: v.shape for k, v in expected.items()}
 
 
 def test_two_processes_read_the_data_stream_of_one(runs: dict):
