@@ -272,7 +272,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         position=start_step * config.batch_size,
         rows=input_pipeline.process_rows(batch_sharding, config.batch_size),
     )
-    data_iterator = input_pipeline.LabelChecked(iter(dataset), config.num_classes)
+    data_iterator = input_pipeline.label_checked(iter(dataset), config.num_classes)
 
     train_step = jax.jit(
         make_train_step(graphdef, tx, lr_schedule, config),

@@ -267,9 +267,13 @@ def sample_subset(source: Sequence, count: int, seed: int) -> Sequence:
     return Subset(source, indices)
 
 
-def label_error(label: int, where: str, num_classes: int) -> ConfigError:
-    """A label a classifier of `num_classes` cannot learn: one_hot would make it an all-zero target."""
-    return ConfigError(f"label {label} of {where} is outside [0, num_classes={num_classes})")
+def check_label_range(labels: np.ndarray, num_classes: int, name: Callable[[int], str]) -> None:
+    """ConfigError naming the first label outside [0, num_classes) (one_hot would make it an all-zero target)
+    and its example, `name(index)`."""
+    outside = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if outside.size:
+        index = int(outside[0])
+        raise ConfigError(f"label {labels[index]} of {name(index)} is outside [0, num_classes={num_classes})")
 
 
 def check_labels(source: Sequence, num_classes: int) -> None:
@@ -281,9 +285,7 @@ def check_labels(source: Sequence, num_classes: int) -> None:
         raise ConfigError(f"{description} has {classes} classes, more than num_classes={num_classes}")
     labels = known_labels(source)
     if labels is not None:
-        outside = np.flatnonzero((labels < 0) | (labels >= num_classes))
-        if outside.size:
-            raise label_error(int(labels[outside[0]]), source[int(outside[0])]["name"], num_classes)
+        check_label_range(labels, num_classes, lambda index: source[index]["name"])
 
 
 def check_same_classes(train: Sequence, other: Sequence) -> None:
@@ -301,23 +303,12 @@ def check_same_classes(train: Sequence, other: Sequence) -> None:
     )
 
 
-class LabelChecked:
-    """A training batch iterator that raises `label_error` before a batch with a label outside [0, num_classes)
-    reaches the device (outside grain, which would append lines to the message)."""
-
-    def __init__(self, iterator: Iterator[dict[str, np.ndarray]], num_classes: int):
-        self._iterator, self._num_classes = iterator, num_classes
-
-    def __iter__(self) -> LabelChecked:
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        batch = next(self._iterator)
-        labels = batch["label"]
-        outside = np.flatnonzero((labels < 0) | (labels >= self._num_classes))
-        if outside.size:
-            raise label_error(int(labels[outside[0]]), f"row {outside[0]} of a training batch", self._num_classes)
-        return batch
+def label_checked(batches: Iterator[dict[str, np.ndarray]], num_classes: int) -> Iterator[dict[str, np.ndarray]]:
+    """Training batches, each checked (`check_label_range`) before it reaches the device; outside grain, which
+    would append lines to the message."""
+    for batch in batches:
+        check_label_range(batch["label"], num_classes, lambda row: f"row {row} of a training batch")
+        yield batch
 
 
 def make_source(dataset: ml_collections.ConfigDict) -> Sequence:
@@ -741,14 +732,13 @@ def _report_unreadable(example: dict[str, Any], skipped: SkippedImages) -> dict[
 
 
 def _checked_eval_batches(batches: Iterator[dict[str, np.ndarray]], num_classes: int | None) -> Iterator[dict]:
-    """The batches without their names, after `label_error` for a valid row whose label is outside
-    [0, num_classes); checked out here, as grain appends lines to the messages of errors raised inside it."""
+    """The batches without their names, after `check_label_range` of their valid rows' labels; checked here,
+    as grain appends lines to the messages of errors raised inside it."""
     for batch in batches:
         names = batch.pop("name")
         if num_classes is not None:
-            outside = np.flatnonzero(batch["valid"] & ((batch["label"] < 0) | (batch["label"] >= num_classes)))
-            if outside.size:
-                raise label_error(int(batch["label"][outside[0]]), str(names[outside[0]]), num_classes)
+            labels = np.where(batch["valid"], batch["label"], 0)  # padding rows carry no label
+            check_label_range(labels, num_classes, lambda row, names=names: str(names[row]))
         yield batch
 
 
@@ -768,7 +758,7 @@ def eval_batches(
     Batches are {"image": uint8 (b, S, S, 3), "label": int32 (b,), "valid": bool (b,)} with b = batch_size /
     hosts. Host h reads examples h, h + hosts, ...; rows past the end and unreadable images are padding
     (valid False), so every host yields the same number of batches, as a jitted multi-host evaluation needs.
-    With `num_classes`, a label outside [0, num_classes) raises `label_error` naming the example.
+    With `num_classes`, a label outside [0, num_classes) raises a ConfigError naming the example.
     """
     index = jax.process_index() if process_index is None else process_index
     count = jax.process_count() if process_count is None else process_count

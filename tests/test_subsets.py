@@ -158,7 +158,7 @@ def keep(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 def test_training_batch_with_label_num_classes_raises_before_the_device():
     config = tiny_train_config(batch_size=8)
     good = input_pipeline.train_dataset(LabelsUpTo(16, 2), config, input_pipeline.SkippedImages(), transform=keep)
-    unchecked, checked = iter(good), input_pipeline.LabelChecked(iter(good), num_classes=3)
+    unchecked, checked = iter(good), input_pipeline.label_checked(iter(good), num_classes=3)
     for _ in range(3):  # passes the batches through unchanged
         expected, batch = next(unchecked), next(checked)
         assert batch.keys() == expected.keys() and all(np.array_equal(batch[k], expected[k]) for k in batch)
@@ -167,7 +167,7 @@ def test_training_batch_with_label_num_classes_raises_before_the_device():
     input_pipeline.check_labels(source, 3)  # its labels are not known at start...
     bad = input_pipeline.train_dataset(source, config, input_pipeline.SkippedImages(), transform=keep)
     with pytest.raises(ConfigError, match=r"^label 3 of row \d of a training batch is outside \[0, num_classes=3\)$"):
-        next(input_pipeline.LabelChecked(iter(bad), num_classes=3))  # ...but each batch is
+        next(input_pipeline.label_checked(iter(bad), num_classes=3))  # ...but each batch is
 
 
 def test_eval_batch_with_label_num_classes_names_the_example():
