@@ -20,7 +20,7 @@ def get_config():
     config.warmup_steps = 80
     config.base_lr = 2e-3  # lr 5e-4: a model this small and a batch this size take a larger rate than the paper's
     config.log_every_steps = 50
-    config.image_every_steps = 200
-    config.num_images = 8
+    config.evals.reconstruction.every_steps = 200
+    config.evals.reconstruction.num_images = 8
     config.checkpoint_every_steps = 400
     return config

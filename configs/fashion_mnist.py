@@ -29,14 +29,14 @@ def get_config(task: str = "pretrain"):
         config.num_epochs = 10
         config.warmup_epochs = 1
         config.base_lr = 2e-3  # like the demo: small models take a larger rate than the paper's ViTs
-        config.image_every_steps = 1000
-        config.knn.every_steps = 500
-        config.knn.num_train = 10000
-        config.knn.num_eval = 10000
+        config.evals.reconstruction.every_steps = 1000
+        config.evals.knn.every_steps = 500
+        config.evals.knn.num_train = 10000
+        config.evals.knn.num_eval = 10000
         return config
-    config.dataset.eval_split = "test"
+    config.evals.classification.split = "test"
     config.num_classes = 10
-    config.eval_every_steps = 1000
+    config.evals.classification.every_steps = 1000
     if task == "linprobe":
         config.dataset.num_train = 10000
         config.batch_size = 1024

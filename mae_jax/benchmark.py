@@ -26,7 +26,6 @@ from __future__ import annotations
 import collections
 import ctypes
 import dataclasses
-import functools
 import gzip
 import importlib.util
 import json
@@ -36,25 +35,16 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import app, flags
 from etils import epath
-from flax import nnx
 from ml_collections import config_flags
 
-from mae_jax import configuration, finetune, flops, optim, sharding, train
-from mae_jax.models.classifier import Classifier
-from mae_jax.models.mae import MAE, MAEConfig
-from mae_jax.models.vit import LAYER_NORM_EPS
-
-if TYPE_CHECKING:
-    import transformers
+from mae_jax import configuration, convert, flops, loop, sharding, tasks
 
 FLAGS = flags.FLAGS
 WARMUP_ROUNDS = 2
@@ -82,43 +72,23 @@ class Measured:
         return self.times[-1]
 
 
-def jax_step(name: str, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> tuple[Measured, dict]:
-    """The real train step of `config.task` (pretraining, fine-tuning or probing), compiled for `config` on
-    `mesh`, and facts about its compilation."""
-    lr_schedule = optax.constant_schedule(optim.learning_rate(config.base_lr, config.batch_size))
-    shape = (config.batch_size, config.image_size, config.image_size, 3)
+def assemble(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> loop.Assembly:
+    """The train step the loop of `config.task` compiles: the task table's `assemble`."""
+    # The schedule's length changes no step: a run of `num_epochs` epochs of one batch each.
+    return tasks.of(config).assemble(config, mesh, *loop.schedule_steps(config, config.batch_size))
+
+
+def jax_step(name: str, assembly: loop.Assembly, config: ml_collections.ConfigDict) -> tuple[Measured, dict]:
+    """`assembly`'s step compiled on synthetic batches, and facts about its compilation."""
     rng = np.random.default_rng(0)
-    batch = [rng.integers(0, 256, shape, dtype=np.uint8)]
-    if config.task == "pretrain":
-        model_config = configuration.model_config(config)
-        tx = optim.make_optimizer(config, lr_schedule)
-        init = functools.partial(train.init_train_state, model_config, tx, config.seed)
-        graphdef = nnx.graphdef(nnx.eval_shape(lambda: MAE(model_config, rngs=nnx.Rngs(0))))
-        step = train.make_train_step(
-            graphdef, tx, lr_schedule, config.mask_ratio, config.seed,
-            grad_accum_steps=config.grad_accum_steps, mesh=mesh,
-        )  # fmt: skip
-        step_flops = flops.train_flops(model_config, config.mask_ratio, config.batch_size)
-    else:
-        model_config = finetune.classifier_config(config)
-        tx = finetune.make_optimizer(config, model_config, lr_schedule)
-        init = functools.partial(finetune.init_train_state, model_config, tx, config.seed, None)
-        graphdef = nnx.graphdef(nnx.eval_shape(lambda: Classifier(model_config, rngs=nnx.Rngs(0))))
-        step = finetune.make_train_step(graphdef, tx, lr_schedule, config)
-        step_flops = flops.classifier_train_flops(model_config, config.batch_size)
-        batch.append(rng.integers(0, config.num_classes, config.batch_size, dtype=np.int32))  # labels
-    state_sharding = sharding.train_state_shardings(mesh, jax.eval_shape(init), tx)
-    batch_sharding = sharding.batch_sharding(mesh)
-    state = jax.jit(init, out_shardings=state_sharding)()
-    step = jax.jit(
-        step,
-        in_shardings=(state_sharding, *[batch_sharding] * len(batch)),
-        out_shardings=(state_sharding, sharding.replicated(mesh)),
-        donate_argnums=0,
-    )
-    batch = [jax.device_put(x, batch_sharding) for x in batch]
+    synthetic = {
+        "image": lambda: rng.integers(0, 256, (config.batch_size, config.image_size, config.image_size, 3), np.uint8),
+        "label": lambda: rng.integers(0, config.num_classes, config.batch_size, dtype=np.int32),
+    }
+    batch = [jax.device_put(synthetic[key](), assembly.batch_sharding) for key in assembly.batch_keys]
+    state = assembly.init()
     start = time.perf_counter()
-    compiled = step.lower(state, *batch).compile()
+    compiled = assembly.train_step.lower(state, *batch).compile()
     facts = {"compile_s": time.perf_counter() - start, "xla_flops": _xla_flops(compiled)}
     memory = compiled.memory_analysis()
     if memory is not None:
@@ -129,7 +99,7 @@ def jax_step(name: str, config: ml_collections.ConfigDict, mesh: jax.sharding.Me
         holder[0], metrics = compiled(holder[0], *batch)
         jax.block_until_ready((holder[0], metrics))
 
-    return Measured(name, run, step_flops), facts
+    return Measured(name, run, assembly.flops_per_step), facts
 
 
 def _xla_flops(compiled: jax.stages.Compiled) -> float | None:
@@ -151,7 +121,8 @@ def torch_step(config: ml_collections.ConfigDict) -> Measured:
     device = torch.device("cuda" if on_gpu else "cpu")
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     model_config = configuration.model_config(config)
-    model = transformers.ViTMAEForPreTraining(transformers_config(model_config, config.mask_ratio)).to(device).train()
+    hf_config = convert.hf.transformers_config(model_config, config.mask_ratio)
+    model = transformers.ViTMAEForPreTraining(hf_config).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(config.b1, config.b2), weight_decay=config.weight_decay)
     pixels = torch.randn(config.batch_size, 3, config.image_size, config.image_size, device=device)
     bf16 = config.model.dtype == "bfloat16"
@@ -167,30 +138,6 @@ def torch_step(config: ml_collections.ConfigDict) -> Measured:
 
     name = f"PyTorch ViTMAE ({device.type}{', bf16 autocast' if bf16 else ''})"
     return Measured(name, run, flops.train_flops(model_config, config.mask_ratio, config.batch_size))
-
-
-def transformers_config(config: MAEConfig, mask_ratio: float) -> transformers.ViTMAEConfig:
-    """transformers' `ViTMAEConfig` of the same architecture: the `--torch` step and the parity tests use it."""
-    import transformers
-
-    enc = config.encoder
-    return transformers.ViTMAEConfig(
-        hidden_size=enc.width,
-        num_hidden_layers=enc.depth,
-        num_attention_heads=enc.num_heads,
-        intermediate_size=enc.mlp_ratio * enc.width,
-        image_size=enc.image_size,
-        patch_size=enc.patch_size,
-        decoder_hidden_size=config.decoder_width,
-        decoder_num_hidden_layers=config.decoder_depth,
-        decoder_num_attention_heads=config.decoder_heads,
-        decoder_intermediate_size=enc.mlp_ratio * config.decoder_width,
-        mask_ratio=mask_ratio,
-        norm_pix_loss=config.norm_pix_loss,
-        layer_norm_eps=LAYER_NORM_EPS,
-        hidden_act="gelu",  # exact erf GELU
-        qkv_bias=True,
-    )
 
 
 def matmul_peak(dtype: jnp.dtype) -> Measured:
@@ -292,26 +239,24 @@ def benchmark(
                 "pip install torch==2.13.0 transformers==5.23.0 (or pip install -e '.[test]')"
             )
     mesh = sharding.make_mesh(config.mesh)
+    assembly = assemble(config, mesh)
     device = jax.devices()[0]
     devices = jax.device_count()
-    if config.task == "pretrain":
-        task = f"MAE, decoder {config.model.decoder_depth}x{config.model.decoder_width}, mask ratio {config.mask_ratio}"
-    else:
-        task = f"{config.task}, {config.num_classes} classes"
     print(
         f"device: {devices} x {device.device_kind} ({device.platform}), {jax.process_count()} process(es); "
         f"mesh data={mesh.shape[sharding.DATA_AXIS]} fsdp={mesh.shape[sharding.FSDP_AXIS]}\n"
-        f"model: {config.model.variant} at {config.image_size} px, {task}, {config.model.dtype}, attention "
-        f"{config.model.attention}, remat {config.model.remat}; batch {config.batch_size} "
+        f"model: {config.model.variant} at {config.image_size} px, {assembly.description}, {config.model.dtype}, "
+        f"attention {config.model.attention}, remat {config.model.remat}; batch {config.batch_size} "
         f"({config.batch_size // devices} per device), grad_accum_steps {config.grad_accum_steps}",
         flush=True,
     )
-    mae, facts = jax_step("mae_jax", config, mesh)
+    mae, facts = jax_step("mae_jax", assembly, config)
     measured = [mae]
     if baseline:
         baseline_config = config.copy_and_resolve_references()
         baseline_config.model.mask_tokens_in_encoder = True
-        measured.append(jax_step("mae_jax, mask tokens in encoder", baseline_config, mesh)[0])
+        baseline_step = assemble(baseline_config, mesh)
+        measured.append(jax_step("mae_jax, mask tokens in encoder", baseline_step, baseline_config)[0])
     if with_torch:
         measured.append(torch_step(config))
     peak_source = "given" if peak else "table"

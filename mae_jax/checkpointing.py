@@ -20,17 +20,12 @@ from absl import logging
 from etils import epath
 from flax import nnx
 
-from mae_jax.models.mae import MAE, MAEConfig
+from mae_jax.models.mae import MAEConfig, abstract_model_state
 from mae_jax.models.vit import Encoder
 
 MODEL_CONFIG_FILE = "model.json"
 PARAMS_DIR = "params"
 EXPORT_STEP_FILE = "step.json"  # next to an exported encoder: the training step it holds
-
-
-def abstract_model_state(config: MAEConfig) -> nnx.State:
-    """Shapes and dtypes of every variable of the model, without allocating it."""
-    return nnx.state(nnx.eval_shape(lambda: MAE(config, rngs=nnx.Rngs(0))))
 
 
 def save_params(directory: str | epath.Path, config: MAEConfig, state: nnx.State | dict) -> None:

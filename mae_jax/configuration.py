@@ -18,7 +18,8 @@ from ml_collections import config_dict
 
 from mae_jax import sharding
 from mae_jax.models.mae import MAEConfig, num_kept
-from mae_jax.models.vit import ATTENTION_IMPLEMENTATIONS, COMPUTE_DTYPES, VARIANTS, Compute
+from mae_jax.models.ops import check_kernels
+from mae_jax.models.vit import VARIANTS, Compute
 
 
 class ConfigError(ValueError):
@@ -26,7 +27,6 @@ class ConfigError(ValueError):
 
 
 TASKS = ("pretrain", "finetune", "linprobe")
-SOURCES = ("tfds", "folder", "fashion_mnist", "demo")  # input_pipeline.make_source
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -36,9 +36,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.seed = 0
 
     config.dataset = ml_collections.ConfigDict()
-    # "tfds": dataset `name` from TFDS; "folder": `data_dir`/`split`/<class>/<image>, the ImageNet layout;
-    # "fashion_mnist": the IDX files in `data_dir` (None: where `apt-get install dataset-fashion-mnist` puts
-    # them), split "train" or "test"; "demo": scikit-image's bundled photographs (unlabeled).
+    # `source`: a name in input_pipeline.SOURCES, which says what each source reads from `name`, `split` and
+    # `data_dir` (input_pipeline.make_source refuses other names when a run opens its data, before compiling).
     config.dataset.source = "tfds"
     config.dataset.name = "imagenet2012"
     config.dataset.split = "train"
@@ -80,8 +79,6 @@ def base_config() -> ml_collections.ConfigDict:
     config.b2 = 0.95
 
     config.log_every_steps = 100
-    config.image_every_steps = 5000  # reconstruction grid to TensorBoard
-    config.num_images = 8  # samples in the reconstruction grid
     config.checkpoint_every_steps = 1000  # also at the end and on preemption (SIGTERM)
     config.keep_checkpoints = 3
     config.skip_nonfinite_steps = 0  # 0: stop at a non-finite loss/gradient; N: skip up to N in a row
@@ -92,17 +89,22 @@ def base_config() -> ml_collections.ConfigDict:
     # the compile; a cache directory set through JAX_COMPILATION_CACHE_DIR takes precedence
     config.compilation_cache = True
 
-    config.knn = ml_collections.ConfigDict()  # weighted k-NN accuracy of the encoder's cls features, as DINO's
-    config.knn.every_steps = 0  # > 0: kNN top-1 of the encoder's features every that many steps (and at the end)
-    config.knn.train_split = "train"  # labeled examples the neighbours come from (same dataset.source/name)
-    config.knn.eval_split = "test"
+    # Evaluations while training (mae_jax/evaluators), each every `every_steps` steps and after the last one
+    config.evals = ml_collections.ConfigDict()
+    config.evals.reconstruction = ml_collections.ConfigDict()  # the reconstruction grid, to TensorBoard
+    config.evals.reconstruction.every_steps = 5000
+    config.evals.reconstruction.num_images = 8  # samples in the grid
+    knn = config.evals.knn = ml_collections.ConfigDict()  # weighted k-NN accuracy of the encoder's cls features
+    knn.every_steps = 0  # 0: off
+    knn.train_split = "train"  # labeled examples the neighbours come from (same dataset.source/name)
+    knn.eval_split = "test"
     # that many examples of each split, drawn with `seed`: stratified by class for folder and fashion_mnist,
     # uniform for tfds (its labels sit in the records); the same subsets at every evaluation
-    config.knn.num_train = 10000
-    config.knn.num_eval = 2000
-    config.knn.k = 20
-    config.knn.temperature = 0.07  # neighbour weight exp(cosine similarity / temperature)
-    config.knn.batch_size = 256  # global, over all hosts
+    knn.num_train = 10000
+    knn.num_eval = 2000
+    knn.k = 20
+    knn.temperature = 0.07  # neighbour weight exp(cosine similarity / temperature), as DINO's
+    knn.batch_size = 256  # global, over all hosts
     return config
 
 
@@ -115,12 +117,10 @@ def downstream_config(task: str) -> ml_collections.ConfigDict:
         raise ValueError(f"downstream task {task!r} must be one of {TASKS[1:]}")
     finetune = task == "finetune"
     config = base_config()
-    for key in ("mask_ratio", "image_every_steps", "num_images", "knn"):
-        del config[key]
+    del config.mask_ratio
     for key in ("decoder_width", "decoder_depth", "decoder_heads", "norm_pix_loss", "mask_tokens_in_encoder"):
         del config.model[key]
     config.task = task
-    config.dataset.eval_split = "validation"  # top-1/top-5 are measured on it
     # > 0: train on that many examples only (few-label experiments), drawn with `seed`: stratified by class
     # for folder and fashion_mnist, uniform for tfds; the same subset on every host and after a restart
     config.dataset.num_train = -1
@@ -148,8 +148,11 @@ def downstream_config(task: str) -> ml_collections.ConfigDict:
     config.augment.label_smoothing = 0.1 if finetune else 0.0
     config.augment.random_erasing = 0.25 if finetune else 0.0  # probability per image
 
-    config.eval_every_steps = 1000  # also at the end
-    config.eval_batch_size = 1024
+    config.evals = ml_collections.ConfigDict()  # the pretraining evaluations make no sense for a classifier
+    config.evals.classification = ml_collections.ConfigDict()  # top-1/top-5 of the classifier (also at the end)
+    config.evals.classification.every_steps = 1000
+    config.evals.classification.batch_size = 1024  # global, over all hosts
+    config.evals.classification.split = "validation"  # of the training dataset
     return config
 
 
@@ -165,6 +168,25 @@ def model_config(config: ml_collections.ConfigDict) -> MAEConfig:
         compute=Compute(m.dtype, m.attention, m.remat),
         mask_tokens_in_encoder=m.mask_tokens_in_encoder,
     )
+
+
+# Keys that moved, old -> new: a config or override that still sets one is told where it went, in one line.
+MOVED_KEYS = {
+    "knn": "evals.knn",
+    "image_every_steps": "evals.reconstruction.every_steps",
+    "num_images": "evals.reconstruction.num_images",
+    "eval_every_steps": "evals.classification.every_steps",
+    "eval_batch_size": "evals.classification.batch_size",
+    "dataset.eval_split": "evals.classification.split",
+}
+
+
+def moved_key(key: str) -> str | None:
+    """Where the old dotted `key` (`MOVED_KEYS`, or a key inside a moved block) lives now; None if it did not move."""
+    for old, new in MOVED_KEYS.items():
+        if key == old or key.startswith(old + "."):
+            return new + key[len(old) :]
+    return None
 
 
 def _unknown_keys(config: ml_collections.ConfigDict, reference: ml_collections.ConfigDict, prefix: str = "") -> list:
@@ -183,6 +205,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if task not in TASKS:
         raise ConfigError(f"task={task!r} must be one of {TASKS}")
     unknown = _unknown_keys(config, base_config() if task == "pretrain" else downstream_config(task))
+    for key in unknown:
+        if moved_key(key):
+            raise ConfigError(f"config key {key} moved to {moved_key(key)}")
     if unknown:
         raise ConfigError(f"unknown config keys {unknown}; see mae_jax/configuration.py for the valid ones")
     name, _, patch = config.model.variant.partition("/")
@@ -194,12 +219,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _validate_pretraining(config, (config.image_size // int(patch)) ** 2)
     else:
         _validate_downstream(config)
-    if config.model.dtype not in COMPUTE_DTYPES:
-        raise ConfigError(f"model.dtype={config.model.dtype!r} must be one of {COMPUTE_DTYPES}")
-    if config.model.attention not in ATTENTION_IMPLEMENTATIONS:
-        raise ConfigError(f"model.attention={config.model.attention!r} must be one of {ATTENTION_IMPLEMENTATIONS}")
-    if config.model.attention == "cudnn" and (jax.default_backend() != "gpu" or config.model.dtype != "bfloat16"):
-        raise ConfigError("model.attention='cudnn' needs an NVIDIA GPU and model.dtype='bfloat16'")
+    try:
+        check_kernels(config.model.attention, config.model.dtype, jax.default_backend())
+    except ValueError as error:
+        raise ConfigError(f"model.{error}") from None  # its messages name `attention=` and `dtype=`
     devices = jax.device_count()
     try:
         sharding.mesh_shape(config.mesh, devices)
@@ -217,9 +240,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError("set num_epochs > 0 or total_steps > 0")
     if config.base_lr <= 0 or config.min_lr < 0:
         raise ConfigError(f"base_lr={config.base_lr} must be > 0 and min_lr={config.min_lr} >= 0")
-    if config.dataset.source not in SOURCES:
-        names = ", ".join(map(repr, SOURCES[:-1]))
-        raise ConfigError(f"dataset.source={config.dataset.source!r} must be {names} or {SOURCES[-1]!r}")
     if config.batch_size % jax.process_count():
         raise ConfigError(f"batch_size={config.batch_size} is not a multiple of the {jax.process_count()} hosts")
     for key in ("seed", "skip_nonfinite_steps", "profile_steps"):  # seeds: numpy's generators take none < 0
@@ -240,29 +260,31 @@ def _validate_pretraining(config: ml_collections.ConfigDict, num_patches: int) -
             f"model.decoder_width={config.model.decoder_width} must be divisible by 4 and by "
             f"model.decoder_heads={config.model.decoder_heads}"
         )
-    if config.image_every_steps < 1:
-        raise ConfigError(f"image_every_steps={config.image_every_steps} must be >= 1")
+    reconstruction = config.evals.reconstruction
+    for key in ("every_steps", "num_images"):
+        if reconstruction[key] < 1:
+            raise ConfigError(f"evals.reconstruction.{key}={reconstruction[key]} must be >= 1")
     _validate_knn(config)
 
 
 def _validate_knn(config: ml_collections.ConfigDict) -> None:
-    knn = config.knn
+    knn = config.evals.knn
     for key, valid, rule in (
         ("every_steps", knn.every_steps >= 0, ">= 0"),
         ("k", knn.k >= 1, ">= 1"),
         ("temperature", knn.temperature > 0, "> 0"),
     ):
         if not valid:
-            raise ConfigError(f"knn.{key}={knn[key]} must be {rule}")
+            raise ConfigError(f"evals.knn.{key}={knn[key]} must be {rule}")
     if knn.every_steps == 0:
         return
     if config.dataset.source == "demo":
-        raise ConfigError("knn.every_steps > 0 needs labeled data: dataset.source='demo' has no labels")
+        raise ConfigError("evals.knn.every_steps > 0 needs labeled data: dataset.source='demo' has no labels")
     if knn.num_train < 1 or knn.num_eval < 1:
-        raise ConfigError(f"knn.num_train={knn.num_train} and knn.num_eval={knn.num_eval} must be >= 1")
+        raise ConfigError(f"evals.knn.num_train={knn.num_train} and evals.knn.num_eval={knn.num_eval} must be >= 1")
     if knn.batch_size < 1 or knn.batch_size % jax.device_count():
         raise ConfigError(
-            f"knn.batch_size={knn.batch_size} is not a positive multiple of the {jax.device_count()} devices"
+            f"evals.knn.batch_size={knn.batch_size} is not a positive multiple of the {jax.device_count()} devices"
         )
 
 
@@ -278,11 +300,13 @@ def _validate_downstream(config: ml_collections.ConfigDict) -> None:
         raise ConfigError("augment.mixup, cutmix, label_smoothing and random_erasing must be >= 0")
     if augment.label_smoothing >= 1 or augment.random_erasing > 1 or not 0 <= augment.mixup_switch_prob <= 1:
         raise ConfigError("augment.label_smoothing must be < 1; random_erasing and mixup_switch_prob in [0, 1]")
-    if config.eval_every_steps < 1 or config.eval_batch_size < 1:
-        raise ConfigError("eval_every_steps and eval_batch_size must be >= 1")
-    if config.eval_batch_size % jax.device_count():
+    classification = config.evals.classification
+    if classification.every_steps < 1 or classification.batch_size < 1:
+        raise ConfigError("evals.classification.every_steps and evals.classification.batch_size must be >= 1")
+    if classification.batch_size % jax.device_count():
         raise ConfigError(
-            f"eval_batch_size={config.eval_batch_size} is not a multiple of the {jax.device_count()} devices"
+            f"evals.classification.batch_size={classification.batch_size} is not a multiple of the "
+            f"{jax.device_count()} devices"
         )
     if config.dataset.source == "demo":
         raise ConfigError("dataset.source='demo' has no labels: fine-tuning and linear probing need a labeled dataset")
@@ -298,7 +322,7 @@ def parse_flags(argv: list[str]) -> list[str]:
 
     ml_collections raises a config file's load error (a missing path) only when the config is first used:
     here, at parse time. A file without `get_config()`, a `get_config()` that returns no ConfigDict and a
-    bad `--config.key` override are one line too.
+    bad `--config.key` override are one line too; a key that moved (`MOVED_KEYS`) is named with its new place.
     """
     try:
         remaining = app.parse_flags_with_usage(argv)
@@ -314,6 +338,11 @@ def parse_flags(argv: list[str]) -> list[str]:
         if isinstance(module, types.ModuleType):
             sys.exit(f"error: the --config file {module.__file__} defines no {error.name}()")
         message = str(error.args[0] if error.args else error)  # ml_collections escapes quotes and newlines
-        message = re.sub(r"[\\']", "", message.replace("\\n", "; "))
+        message = re.sub(r"[\\']", "", message.replace("\\n", "; ").replace("\n", "; "))
+        overrides = [arg.removeprefix("--config.").partition("=")[0] for arg in argv if arg.startswith("--config.")]
+        unknown = message.split(";")[0].strip().strip('"')  # the key a --config file reads, e.g. `config.knn.k = 5`
+        for key in [*overrides, unknown]:
+            if moved_key(key):
+                sys.exit(f"error: config key {key} moved to {moved_key(key)}")
         sys.exit(f"error: bad config override: unknown key {message}")
     return remaining

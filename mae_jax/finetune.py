@@ -4,7 +4,7 @@
     python -m mae_jax.main --config=configs/linprobe_vit_base.py --workdir=DIR --config.init=mae_pretrain_vit_base.pth
 
 The loop has the pretraining loop's behaviour (async checkpoints with the data position, automatic
-resume, preemption, the non-finite guard) and adds top-1/top-5 evaluation on `dataset.eval_split`. At the
+resume, preemption, the non-finite guard) and adds top-1/top-5 evaluation on `evals.classification.split`. At the
 end the classifier is written as `WORKDIR/classifier.safetensors` in the official (timm) layout, and as
 `WORKDIR/classifier.pth` too when PyTorch is installed.
 """
@@ -30,15 +30,17 @@ from mae_jax import (
     checkpointing,
     configuration,
     convert,
+    evaluators,
     flops,
     input_pipeline,
+    loop,
     optim,
     pretrained,
     sharding,
 )
+from mae_jax.loop import TrainState
 from mae_jax.models.classifier import FINETUNE, Classifier, ClassifierConfig
 from mae_jax.models.vit import Compute, EncoderConfig, resize_position_table
-from mae_jax.train import Bookkeeper, TrainState, schedule_steps
 
 CLASSIFIER_FILE = "classifier.safetensors"  # the official (timm) state_dict; needs no PyTorch
 CLASSIFIER_PTH_FILE = "classifier.pth"  # the same as the official code saves it, when PyTorch is installed
@@ -159,34 +161,29 @@ def make_train_step(
     return train_step
 
 
-def make_eval_step(graphdef: nnx.GraphDef, num_classes: int) -> Callable[..., dict[str, jax.Array]]:
-    """Counts of top-1 and top-5 hits among the valid rows of one batch (padding rows are not counted)."""
-    top = min(5, num_classes)
-
-    def eval_step(params: nnx.State, fixed: nnx.State, images: jax.Array, labels: jax.Array, valid: jax.Array):
-        logits = nnx.merge(graphdef, params, fixed)(input_pipeline.normalize(images))
-        best = jax.lax.top_k(logits, top)[1]
-        return {
-            "top1": jnp.sum((best[:, 0] == labels) & valid),
-            "top5": jnp.sum(jnp.any(best == labels[:, None], axis=1) & valid),
-            "count": jnp.sum(valid),
-        }
-
-    return eval_step
-
-
-def evaluate(eval_step: Callable, state: TrainState, source, config: ml_collections.ConfigDict, mesh) -> dict:
-    """Top-1 and top-5 accuracy (%) over the whole eval split, every host reading its own part."""
-    batch_sharding = sharding.batch_sharding(mesh)
-    totals = {"top1": 0, "top5": 0, "count": 0}
-    batches = input_pipeline.eval_batches(
-        source, config.image_size, config.eval_batch_size, num_classes=config.num_classes
+def assemble(
+    config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, total_steps: int, warmup_steps: int
+) -> loop.Assembly:
+    """The fine-tuning or linear-probing step for `config` on `mesh`, starting from the encoder `config.init`
+    (read and checked here), with a schedule of `total_steps` (`warmup_steps` warmup)."""
+    model_config = classifier_config(config)
+    encoder = pretrained_encoder(config.init, model_config) if config.init else None
+    lr_schedule = optim.schedule(config, total_steps, warmup_steps)
+    tx = make_optimizer(config, model_config, lr_schedule)
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: Classifier(model_config, rngs=nnx.Rngs(0))))
+    return loop.assemble(
+        model_config=model_config,
+        graphdef=graphdef,
+        tx=tx,
+        lr_schedule=lr_schedule,
+        mesh=mesh,
+        init_state=functools.partial(init_train_state, model_config, tx, config.seed),
+        init_args=(encoder,),
+        train_step=make_train_step(graphdef, tx, lr_schedule, config),
+        batch_keys=("image", "label"),
+        flops_per_step=flops.classifier_train_flops(model_config, config.batch_size),
+        description=f"{config.task}, {config.num_classes} classes",
     )
-    for batch in batches:
-        arrays = [jax.make_array_from_process_local_data(batch_sharding, batch[k]) for k in ("image", "label", "valid")]
-        counts = jax.device_get(eval_step(state.params, state.fixed, *arrays))
-        totals = {k: totals[k] + int(counts[k]) for k in totals}
-    return {k: 100 * totals[k] / max(totals["count"], 1) for k in ("top1", "top5")}
 
 
 def export_classifier(workdir: epath.Path, model: Classifier) -> list[epath.Path]:
@@ -216,53 +213,36 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # Set-up: everything that can fail on bad input fails here, before compiling.
     # ------------------------------------------------------------------------------------------------
     configuration.validate(config)
-    model_config = classifier_config(config)
     workdir = epath.Path(workdir)
     checkpointing.check_writable(workdir)
     manager = checkpointing.make_manager(workdir, config.keep_checkpoints)
     checkpointing.check_same_model(manager, config.to_dict())
-    encoder = pretrained_encoder(config.init, model_config) if config.init else None
     source = input_pipeline.make_source(config.dataset)
     if config.dataset.num_train > 0:
         source = input_pipeline.sample_subset(source, config.dataset.num_train, config.seed)
-    eval_dataset = config.dataset.copy_and_resolve_references()
-    eval_dataset.split = config.dataset.eval_split
-    eval_source = input_pipeline.make_source(eval_dataset)
     input_pipeline.check_labels(source, config.num_classes)
-    input_pipeline.check_labels(eval_source, config.num_classes)
-    input_pipeline.check_same_classes(source, eval_source)
-    total_steps, warmup_steps = schedule_steps(config, len(source))
+    total_steps, warmup_steps = loop.schedule_steps(config, len(source))
     record = checkpointing.run_record(
         config, num_examples=len(source), total_steps=total_steps, warmup_steps=warmup_steps
     )
     checkpointing.check_same_run(manager, record)
-    lr_schedule = optim.schedule(config, total_steps, warmup_steps)
-    tx = make_optimizer(config, model_config, lr_schedule)
-
     mesh = sharding.make_mesh(config.mesh)
-    replicated, batch_sharding = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+    evals = evaluators.make_evaluators(config, mesh, source)  # opens the eval split and checks its labels
+    assembly = assemble(config, mesh, total_steps, warmup_steps)  # reads and checks the pretrained encoder
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
     logging.info("Config:\n%s", config)
-    logging.info("%s from %s; %d training / %d eval examples; %d steps (%d warmup) of batch %d", config.task,
-                 config.init or "random init", len(source), len(eval_source), total_steps, warmup_steps,
-                 config.batch_size)  # fmt: skip
+    logging.info("%s from %s; %d training examples; %d steps (%d warmup) of batch %d", config.task,
+                 config.init or "random init", len(source), total_steps, warmup_steps, config.batch_size)  # fmt: skip
 
     # ------------------------------------------------------------------------------------------------
     # Initialize (from the pretrained encoder), or restore the newest checkpoint in the workdir.
     # ------------------------------------------------------------------------------------------------
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: Classifier(model_config, rngs=nnx.Rngs(0))))
-    abstract_state = jax.eval_shape(lambda: init_train_state(model_config, tx, config.seed, encoder))
-    state_sharding = sharding.train_state_shardings(mesh, abstract_state, tx)
-    abstract_state = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, state_sharding
-    )
-    state = checkpointing.restore_train_state(manager, abstract_state)
-    if state is None:
-        init = jax.jit(functools.partial(init_train_state, model_config, tx, config.seed), out_shardings=state_sharding)
-        state = init(encoder)
-    else:
-        logging.info("Restored step %d from %s", int(state.step), manager.directory)
+    state = loop.restore_or_init(manager, assembly)
     start_step = int(state.step)
+
+    # ------------------------------------------------------------------------------------------------
+    # Train, evaluating as `config.evals` says.
+    # ------------------------------------------------------------------------------------------------
     skipped = input_pipeline.SkippedImages()
     dataset = input_pipeline.train_dataset(
         source,
@@ -270,49 +250,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         skipped,
         transform=input_pipeline.classifier_train_transform(config),
         position=start_step * config.batch_size,
-        rows=input_pipeline.process_rows(batch_sharding, config.batch_size),
+        rows=input_pipeline.process_rows(assembly.batch_sharding, config.batch_size),
     )
     data_iterator = input_pipeline.label_checked(iter(dataset), config.num_classes)
-
-    train_step = jax.jit(
-        make_train_step(graphdef, tx, lr_schedule, config),
-        in_shardings=(state_sharding, batch_sharding, batch_sharding),
-        out_shardings=(state_sharding, replicated),
-        donate_argnums=0,
-    )
-    eval_step = jax.jit(make_eval_step(graphdef, config.num_classes), out_shardings=replicated)
-
-    # ------------------------------------------------------------------------------------------------
-    # Train, evaluating every `eval_every_steps`.
-    # ------------------------------------------------------------------------------------------------
-    batches = input_pipeline.device_prefetch(data_iterator, batch_sharding, keys=("image", "label"))
-    accuracy: dict[str, float] = {}
-    train_flops = flops.classifier_train_flops(model_config, config.batch_size)
-    books = Bookkeeper(
+    batches = input_pipeline.device_prefetch(data_iterator, assembly.batch_sharding, keys=assembly.batch_keys)
+    books = loop.Bookkeeper(
         config, manager, writer, skipped,
-        start_step=start_step, total_steps=total_steps, workdir=workdir, flops_per_step=train_flops, run_record=record,
+        start_step=start_step, total_steps=total_steps, workdir=workdir, flops_per_step=assembly.flops_per_step,
+        run_record=record, evaluators=evals, model_of=assembly.model,
     )  # fmt: skip
     with books:
         for step in range(start_step + 1, total_steps + 1):
             batch = next(batches)
-            state, metrics = train_step(state, batch["image"], batch["label"])
+            state, metrics = assembly.train_step(state, batch["image"], batch["label"])
             books.record(step, state, metrics)
-            if step % config.eval_every_steps == 0 or step == total_steps:
-                with books.untimed():
-                    accuracy = evaluate(eval_step, state, eval_source, config, mesh)
-                writer.write_scalars(step, {f"eval_{k}": v for k, v in accuracy.items()})
+            books.evaluate(step, state)
             books.save(step, state)
 
     # ------------------------------------------------------------------------------------------------
-    # Final: evaluation of a resumed-at-the-end run, and the classifier in the official layout.
+    # Final: the last evaluation, and the classifier in the official layout.
     # ------------------------------------------------------------------------------------------------
-    if not accuracy:
-        accuracy = evaluate(eval_step, state, eval_source, config, mesh)
-        writer.write_scalars(total_steps, {f"eval_{k}": v for k, v in accuracy.items()})
+    results = books.finish(state)
+    accuracy = {k: results[f"eval_{k}"] for k in ("top1", "top5") if f"eval_{k}" in results}
     # Every process takes part in the gather: with FSDP over several hosts, process 0 holds part of each kernel.
     params, fixed = multihost_utils.process_allgather((state.params, state.fixed), tiled=True)
     if jax.process_index() == 0:
-        export_classifier(workdir, nnx.merge(graphdef, params, fixed))
-        logging.info("Eval top-1 %.2f%%, top-5 %.2f%%", accuracy["top1"], accuracy["top5"])
-    writer.flush()
+        export_classifier(workdir, nnx.merge(assembly.graphdef, params, fixed))
+        if accuracy:
+            logging.info("Eval top-1 %.2f%%, top-5 %.2f%%", accuracy["top1"], accuracy["top5"])
     return accuracy

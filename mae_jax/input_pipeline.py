@@ -311,20 +311,33 @@ def label_checked(batches: Iterator[dict[str, np.ndarray]], num_classes: int) ->
         yield batch
 
 
+def _image_folder(dataset: ml_collections.ConfigDict) -> ImageFolder:
+    """`data_dir`/`split`; unlike tfds and fashion_mnist, a folder has no default place to look."""
+    if not dataset.data_dir:
+        raise DatasetNotFoundError("dataset.source='folder' needs dataset.data_dir (the folder holding <split>/)")
+    return ImageFolder(epath.Path(dataset.data_dir) / dataset.split)
+
+
+# dataset.source -> what opens it from `config.dataset`; the one list of valid names (`make_source` checks it).
+SOURCES: dict[str, Callable[[ml_collections.ConfigDict], Sequence]] = {
+    # TFDS dataset `name`, prepared as ArrayRecord in `data_dir` (None: ~/tensorflow_datasets)
+    "tfds": lambda dataset: TfdsSource(dataset.name, dataset.split, dataset.data_dir),
+    # `data_dir`/`split`/<class>/<image>, the ImageNet layout
+    "folder": _image_folder,
+    # the IDX files in `data_dir` (None: where `apt-get install dataset-fashion-mnist` puts them), split train/test
+    "fashion_mnist": lambda dataset: FashionMnist(dataset.data_dir or FASHION_MNIST_DIR, dataset.split),
+    # scikit-image's bundled photographs (unlabeled)
+    "demo": lambda dataset: DemoPhotos(),
+}
+
+
 def make_source(dataset: ml_collections.ConfigDict) -> Sequence:
-    """The source named by `config.dataset`; a missing or empty one is a DatasetNotFoundError here, at start."""
-    if dataset.source == "demo":
-        source = DemoPhotos()
-    elif dataset.source == "tfds":
-        source = TfdsSource(dataset.name, dataset.split, dataset.data_dir)
-    elif dataset.source == "folder":
-        if not dataset.data_dir:
-            raise DatasetNotFoundError("dataset.source='folder' needs dataset.data_dir (the folder holding <split>/)")
-        source = ImageFolder(epath.Path(dataset.data_dir) / dataset.split)
-    elif dataset.source == "fashion_mnist":
-        source = FashionMnist(dataset.data_dir or FASHION_MNIST_DIR, dataset.split)
-    else:
-        raise ValueError(f"unknown dataset.source {dataset.source!r}")
+    """The source named by `config.dataset`; an unknown name is a ConfigError, a missing or empty source a
+    DatasetNotFoundError, both here, at start (every loop opens its sources before compiling)."""
+    if dataset.source not in SOURCES:
+        *names, last = map(repr, SOURCES)
+        raise ConfigError(f"dataset.source={dataset.source!r} must be {', '.join(names)} or {last}")
+    source = SOURCES[dataset.source](dataset)
     if len(source) == 0:
         raise DatasetNotFoundError(f"dataset {dataset.source}:{dataset.name} split {dataset.split!r} is empty")
     if len(source) < jax.process_count():

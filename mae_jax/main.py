@@ -1,6 +1,7 @@
 """Command line: `python -m mae_jax.main --config=configs/vit_base.py --workdir=DIR [--config.key=value ...]`.
 
-`config.task` picks the loop: "pretrain" (`train.py`), "finetune" or "linprobe" (`finetune.py`).
+`config.task` picks the loop from the task table (`tasks.py`): "pretrain" (`train.py`), "finetune" or
+"linprobe" (`finetune.py`).
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
 
-from mae_jax import configuration, finetune, train
+from mae_jax import configuration, tasks
 from mae_jax.checkpointing import CheckpointError
 from mae_jax.configuration import ConfigError
 from mae_jax.input_pipeline import DatasetNotFoundError
+from mae_jax.loop import NonFiniteError, Preempted
 from mae_jax.pretrained import PretrainedError
 
 FLAGS = flags.FLAGS
@@ -152,16 +154,11 @@ def main(argv: list[str]) -> None:
     logging.info("JAX process %d of %d; %d local / %d global devices", jax.process_index(), jax.process_count(),
                  jax.local_device_count(), jax.device_count())  # fmt: skip
     try:
-        run = (
-            train.train_and_evaluate
-            if FLAGS.config.get("task", "pretrain") == "pretrain"
-            else finetune.train_and_evaluate
-        )
-        run(FLAGS.config, FLAGS.workdir)
-    except train.Preempted as preempted:
+        tasks.of(FLAGS.config).train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except Preempted as preempted:
         logging.warning("%s", preempted)
         sys.exit(PREEMPTED_EXIT_CODE)
-    except (ConfigError, DatasetNotFoundError, CheckpointError, PretrainedError, train.NonFiniteError) as error:
+    except (ConfigError, DatasetNotFoundError, CheckpointError, PretrainedError, NonFiniteError) as error:
         sys.exit(f"error: {error}")
 
 

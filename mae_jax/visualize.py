@@ -19,7 +19,8 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
-from mae_jax import input_pipeline, pretrained, reconstruction
+from mae_jax import input_pipeline, pretrained
+from mae_jax.evaluators import reconstruction
 from mae_jax.models.mae import MAE, MAEConfig, num_kept
 
 

@@ -32,9 +32,26 @@ def tiny_train_config(**overrides):
     config.batch_size = 8
     config.total_steps = 2
     config.warmup_steps = 1
-    config.num_images = 2
+    config.evals.reconstruction.num_images = 2
     config.input.num_threads = 2
     config.input.resize_on_device = True  # the default for accelerators, unlike the demo's
+    return with_overrides(config, overrides)
+
+
+def tiny_downstream_config(task: str, **overrides):
+    """A 2-step fine-tuning ("finetune") or linear probing ("linprobe") of `TINY`'s encoder on mocked ImageNet
+    (run it under `tfds.testing.mock_data`); overrides are dotted keys, e.g. {"dataset.source": "folder"}."""
+    from mae_jax import configuration
+
+    config = configuration.downstream_config(task)
+    config.dataset.name = "imagenet2012"
+    config.image_size = TINY.encoder.image_size
+    config.model.variant = f"mu/{TINY.encoder.patch_size}"
+    config.batch_size = 8
+    config.evals.classification.batch_size = 8
+    config.total_steps = 2
+    config.warmup_steps = 1
+    config.input.num_threads = 2
     return with_overrides(config, overrides)
 
 
@@ -56,7 +73,7 @@ TINY_MAIN_FLAGS = (
     "--config.model.decoder_depth=1",
     "--config.model.decoder_heads=2",
     "--config.batch_size=8",
-    "--config.num_images=2",
+    "--config.evals.reconstruction.num_images=2",
     "--config.input.num_threads=2",
 )
 

@@ -1,64 +1,16 @@
-"""The benchmark's FLOP count against the model's own matmuls, and the command line end to end."""
+"""The benchmark command line end to end, its device-operation tables and memory release (FLOPs: test_flops.py)."""
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import pathlib
 import re
 import subprocess
 import sys
 
-import jax
 import pytest
-from flax import nnx
 
-from mae_jax import benchmark, flops
-from mae_jax.models.classifier import FINETUNE, LINPROBE, Classifier, ClassifierConfig
-from mae_jax.models.mae import MAE, MAEConfig
-from tests.conftest import REPO, TINY
-
-
-def matmul_flops(jaxpr: jax.extend.core.Jaxpr) -> int:
-    """2 x multiply-adds of every dot_general in a jaxpr (the model has no convolution), nested jaxprs included."""
-    total = 0
-    for eqn in jaxpr.eqns:
-        out = eqn.outvars[0].aval.shape
-        if eqn.primitive.name == "dot_general":
-            (contracting, _), _ = eqn.params["dimension_numbers"]
-            total += 2 * math.prod(out) * math.prod(eqn.invars[0].aval.shape[d] for d in contracting)
-        for param in eqn.params.values():
-            if isinstance(param, jax.extend.core.ClosedJaxpr):
-                total += matmul_flops(param.jaxpr)
-    return total
-
-
-@pytest.mark.parametrize("mask_ratio", [0.75, 0.6])
-@pytest.mark.parametrize("baseline", [False, True], ids=["mae", "mask_tokens_in_encoder"])
-@pytest.mark.parametrize("variant", ["tiny", "B/16"])
-def test_forward_flops_equal_the_models_matmuls(variant: str, baseline: bool, mask_ratio: float):
-    config = TINY if variant == "tiny" else MAEConfig.from_variant(variant)
-    config = dataclasses.replace(config, mask_tokens_in_encoder=baseline)
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: MAE(config, rngs=nnx.Rngs(0))))
-    size = config.encoder.image_size
-    images = jax.ShapeDtypeStruct((2, size, size, 3), jax.numpy.float32)
-    jaxpr = jax.make_jaxpr(lambda s, x: nnx.merge(graphdef, s)(x, mask_ratio, key=jax.random.key(0)).loss)(
-        state, images
-    )
-    assert flops.forward_flops(config, mask_ratio) * 2 == matmul_flops(jaxpr.jaxpr)
-
-
-@pytest.mark.parametrize("protocol", [FINETUNE, LINPROBE])
-def test_classifier_flops_equal_the_models_matmuls(protocol: str):
-    config = ClassifierConfig(TINY.encoder, num_classes=10, protocol=protocol)
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: Classifier(config, rngs=nnx.Rngs(0))))
-    size = config.encoder.image_size
-    images = jax.ShapeDtypeStruct((2, size, size, 3), jax.numpy.float32)
-    forward = matmul_flops(jax.make_jaxpr(lambda s, x: nnx.merge(graphdef, s)(x))(state, images).jaxpr)
-    head = 2 * 2 * config.encoder.width * config.num_classes
-    # fine-tuning: forward and backward of everything; probing: the frozen encoder forward, the head 3x
-    expected = 3 * forward if protocol == FINETUNE else forward + 2 * head
-    assert flops.classifier_train_flops(config, batch_size=2) == expected
+from mae_jax import benchmark
+from tests.conftest import REPO
 
 
 def test_benchmark_prints_its_figures(tmp_path: pathlib.Path):

@@ -18,7 +18,7 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from mae_jax import checkpointing, convert, input_pipeline, train
+from mae_jax import checkpointing, convert, input_pipeline, loop, train
 from mae_jax.main import PREEMPTED_EXIT_CODE
 from mae_jax.models.mae import MAE
 from tests.conftest import REPO, TINY_MAIN_FLAGS, main_command, run_main, tiny_train_config
@@ -169,7 +169,7 @@ def test_injected_nan_stops_the_run_at_its_step_and_is_never_saved(tmp_path: pat
     config = tiny_train_config(total_steps=12, checkpoint_every_steps=1, log_every_steps=100)
     bad_step = poisoned_steps(config)[0]
     assert 1 < bad_step < 12
-    with pytest.raises(train.NonFiniteError, match=f"at step {bad_step} "):
+    with pytest.raises(loop.NonFiniteError, match=f"at step {bad_step} "):
         train.train_and_evaluate(config, str(tmp_path))
     saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir())
     assert max(saved) == bad_step - 1
@@ -218,7 +218,7 @@ def test_exported_encoder_gives_the_same_features(tmp_path: pathlib.Path):
 def test_nan_recovery_the_error_message_suggests_resumes_to_the_end(tmp_path: pathlib.Path, poisoned):
     config = tiny_train_config(total_steps=12, checkpoint_every_steps=1, log_every_steps=100)
     bad_steps = poisoned_steps(config)
-    with pytest.raises(train.NonFiniteError, match=f"at step {bad_steps[0]} ") as error:
+    with pytest.raises(loop.NonFiniteError, match=f"at step {bad_steps[0]} ") as error:
         train.train_and_evaluate(config, str(tmp_path))
     suggested = re.search(r"--config\.skip_nonfinite_steps=(\d+)", str(error.value))
     assert suggested, str(error.value)

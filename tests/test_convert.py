@@ -16,6 +16,7 @@ import torch
 from flax import nnx
 
 from mae_jax import checkpointing, convert, pretrained
+from mae_jax.convert import __main__ as cli
 from mae_jax.models.mae import MAE, MAEConfig
 from mae_jax.models.vit import patchify
 from mae_jax.pretrained import PretrainedError
@@ -29,7 +30,7 @@ def _block_keys(prefix: str) -> list[str]:
     return [f"{prefix}.{name}.{p}" for name in names for p in ("weight", "bias")]
 
 
-# The official layout, written out from the reference (not derived from convert.KEY_TABLE).
+# The official layout, written out from the reference (not derived from convert.official.KEY_TABLE).
 ENCODER_KEYS = [
     "cls_token",
     "pos_embed",
@@ -118,7 +119,7 @@ def test_encoder_state_alone_and_encoder_only_export(model, official):
 def test_round_trip_through_pth_file(model, official, tmp_path):
     path = str(tmp_path / "mae.pth")
     convert.save_pth(path, official)
-    loaded = convert.load_pth(path)
+    loaded = convert.official.load_pth(path)
     assert list(loaded) == list(official)
     state = convert.from_official(loaded, CONFIG)
     assert_states_equal(state, nnx.state(model))
@@ -141,7 +142,7 @@ def test_load_pth_accepts_training_checkpoints_and_bare_state_dicts(official, tm
     torch.save({"model": tensors, "epoch": 3, "args": argparse.Namespace(lr=1e-3)}, tmp_path / "train.pth")
     torch.save(tensors, tmp_path / "bare.pth")
     for name in ("train.pth", "bare.pth"):
-        loaded = convert.load_pth(str(tmp_path / name))
+        loaded = convert.official.load_pth(str(tmp_path / name))
         assert sorted(loaded) == sorted(official)
         np.testing.assert_array_equal(loaded["blocks.0.attn.qkv.weight"], official["blocks.0.attn.qkv.weight"])
 
@@ -204,22 +205,22 @@ def test_infer_config(official):
 def test_cli_import_export_round_trip(model, official, tmp_path):
     pth = str(tmp_path / "in.pth")
     convert.save_pth(pth, official)
-    convert.main(["import", pth, str(tmp_path / "params"), "--decoder-heads", "2"])
+    cli.main(["import", pth, str(tmp_path / "params"), "--decoder-heads", "2"])
     config, state = checkpointing.load_params(tmp_path / "params")
     assert config == CONFIG
     assert_states_equal(state, nnx.state(model))
 
-    convert.main(["export", str(tmp_path / "params"), str(tmp_path / "out.pth")])
-    convert.main(["export", str(tmp_path / "params"), str(tmp_path / "enc.pth"), "--encoder-only"])
+    cli.main(["export", str(tmp_path / "params"), str(tmp_path / "out.pth")])
+    cli.main(["export", str(tmp_path / "params"), str(tmp_path / "enc.pth"), "--encoder-only"])
     exported = torch.load(tmp_path / "out.pth", map_location="cpu", weights_only=True)["model"]
     assert list(exported) == list(official)
     for key, value in exported.items():
         assert value.dtype == torch.float32 and value.is_contiguous()
         np.testing.assert_array_equal(value.numpy(), official[key], err_msg=key)
-    assert sorted(convert.load_pth(str(tmp_path / "enc.pth"))) == sorted(ENCODER_KEYS)
+    assert sorted(convert.official.load_pth(str(tmp_path / "enc.pth"))) == sorted(ENCODER_KEYS)
 
     # An encoder-only file imports too, with the official decoder and the seed it was asked for.
-    convert.main(
+    cli.main(
         [
             "import",
             str(tmp_path / "enc.pth"),
@@ -260,20 +261,20 @@ def test_cli_import_errors_are_one_line(official, tmp_path):
 
 def test_safetensors_round_trip_needs_no_torch(model, official, tmp_path, monkeypatch):
     convert.save_pth(tmp_path / "in.pth", official)
-    convert.main(["import", str(tmp_path / "in.pth"), str(tmp_path / "params"), "--decoder-heads", "2"])
+    cli.main(["import", str(tmp_path / "in.pth"), str(tmp_path / "params"), "--decoder-heads", "2"])
     monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now fails, as without PyTorch
-    convert.main(["export", str(tmp_path / "params"), str(tmp_path / "out.safetensors")])
+    cli.main(["export", str(tmp_path / "params"), str(tmp_path / "out.safetensors")])
     exported = safetensors.numpy.load_file(tmp_path / "out.safetensors")
     assert sorted(exported) == sorted(official)
     for key, value in exported.items():
         np.testing.assert_array_equal(value, official[key], err_msg=key)
-    convert.main(["import", str(tmp_path / "out.safetensors"), str(tmp_path / "again"), "--decoder-heads", "2"])
+    cli.main(["import", str(tmp_path / "out.safetensors"), str(tmp_path / "again"), "--decoder-heads", "2"])
     config, state = checkpointing.load_params(tmp_path / "again")
     assert config == CONFIG
     assert_states_equal(state, nnx.state(model))
 
     with pytest.raises(SystemExit, match=r"^error: \.pth files need PyTorch.*`pip install torch`"):
-        convert.main(["export", str(tmp_path / "params"), str(tmp_path / "out.pth")])
+        cli.main(["export", str(tmp_path / "params"), str(tmp_path / "out.pth")])
     with pytest.raises(PretrainedError, match=r"\.pth files need PyTorch.*`pip install torch`"):
         pretrained.load(str(tmp_path / "in.pth"))
     _, state = pretrained.load(str(tmp_path / "out.safetensors"))  # fine-tuning's init= takes it too

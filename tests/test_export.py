@@ -106,7 +106,7 @@ def test_finetuning_without_torch_writes_the_classifier_as_safetensors(tmp_path:
         "--config.total_steps=2",
         "--config.warmup_steps=1",
         "--config.batch_size=8",
-        "--config.eval_batch_size=8",
+        "--config.evals.classification.batch_size=8",
         "--config.input.num_threads=2",
     ]
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(blocker), str(REPO)])}

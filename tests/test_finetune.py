@@ -1,4 +1,4 @@
-"""Fine-tuning and linear probing: heads, drop path, initialisation, export, and runs on mocked tfds."""
+"""Fine-tuning and linear probing: initialisation, export, and runs on mocked tfds (the model: test_classifier.py)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from flax import nnx
 from mae_jax import checkpointing, configuration, convert, finetune
 from mae_jax.models.classifier import FINETUNE, LINPROBE, Classifier, ClassifierConfig
 from mae_jax.models.mae import MAE
-from mae_jax.models.vit import Encoder, EncoderConfig, resize_position_table, sincos_2d
+from mae_jax.models.vit import resize_position_table, sincos_2d
 from tests.conftest import TINY, with_overrides
 
 ENCODER = TINY.encoder  # mu/8 at 32 px, as the tiny MAE of conftest
@@ -30,7 +30,7 @@ def tiny_downstream_config(task: str, **overrides):
     config.image_size = ENCODER.image_size
     config.model.variant = f"mu/{ENCODER.patch_size}"
     config.batch_size = 8
-    config.eval_batch_size = 8
+    config.evals.classification.batch_size = 8
     config.total_steps = 2
     config.warmup_steps = 1
     config.input.num_threads = 2
@@ -50,67 +50,6 @@ def exported_encoder(tmp_path_factory: pytest.TempPathFactory) -> tuple[pathlib.
 
 def pure(state) -> dict:
     return jax.tree.map(np.asarray, nnx.to_pure_dict(state))
-
-
-# ---------------------------------------------------------------------------------------------------
-# The classifier
-# ---------------------------------------------------------------------------------------------------
-def test_linprobe_batch_norm_has_no_affine_parameters():
-    model = Classifier(ClassifierConfig(ENCODER, 10, protocol=LINPROBE), rngs=nnx.Rngs(0))
-    assert nnx.to_pure_dict(nnx.state(model.head_norm, nnx.Param)) == {}
-    assert set(nnx.to_pure_dict(nnx.state(model.head_norm, nnx.BatchStat))) == {"mean", "var"}
-    assert model.head_norm.epsilon == 1e-6
-    assert not hasattr(model, "fc_norm")
-    assert float(jnp.std(model.head.kernel[...])) == pytest.approx(0.01, rel=0.2)  # official head init
-
-
-def test_linprobe_normalizes_cls_features_with_batch_statistics_and_freezes_the_encoder():
-    model = Classifier(ClassifierConfig(ENCODER, 10, protocol=LINPROBE), rngs=nnx.Rngs(0))
-    images = jax.random.normal(jax.random.key(1), (6, 32, 32, 3))
-    features = model.encoder(images)[:, 0]
-    normalized = (features - features.mean(0)) / jnp.sqrt(features.var(0) + 1e-6)
-    logits = model(images, train=True)
-    np.testing.assert_allclose(logits, model.head(normalized), atol=1e-4)
-    # Running statistics moved 10 % of the way to the batch's (PyTorch momentum 0.1).
-    np.testing.assert_allclose(model.head_norm.mean[...], 0.1 * features.mean(0), atol=1e-5)
-
-    def loss(model: Classifier) -> jax.Array:
-        return model(images, train=True).sum()
-
-    grads = nnx.grad(loss)(model)
-    assert all(float(jnp.abs(g).max()) == 0 for g in jax.tree.leaves(pure(grads)["encoder"]))
-    assert float(jnp.abs(grads["head"]["kernel"][...]).max()) > 0
-
-
-def test_global_pool_averages_patch_tokens_before_fc_norm():
-    model = Classifier(ClassifierConfig(ENCODER, 10, protocol=FINETUNE, global_pool=True), rngs=nnx.Rngs(0))
-    images = jax.random.normal(jax.random.key(1), (3, 32, 32, 3))
-    tokens = model.encoder(images, final_norm=False)
-    np.testing.assert_allclose(model(images), model.head(model.fc_norm(tokens[:, 1:].mean(1))), atol=1e-5)
-    cls_model = Classifier(ClassifierConfig(ENCODER, 10, protocol=FINETUNE, global_pool=False), rngs=nnx.Rngs(0))
-    np.testing.assert_allclose(cls_model(images), cls_model.head(cls_model.encoder(images)[:, 0]), atol=1e-5)
-
-
-def test_drop_path_rates_rise_with_depth_and_drop_whole_samples():
-    config = EncoderConfig.from_variant("mu/8", 32)
-    encoder = Encoder(config, drop_path=0.5, rngs=nnx.Rngs(0))
-    assert [block.drop_path.rate for block in encoder.blocks] == pytest.approx(np.linspace(0, 0.5, config.depth))
-    plain = Encoder(config, rngs=nnx.Rngs(0))
-    images = jax.random.normal(jax.random.key(1), (16, 32, 32, 3))
-    np.testing.assert_array_equal(encoder(images), plain(images))  # no rngs: deterministic, as at evaluation
-    block, x = encoder.blocks[-1], jax.random.normal(jax.random.key(2), (16, 5, config.width))
-    out = block(x, nnx.Rngs(dropout=3))
-    # Rate 0.5: each sample drops each residual branch (x 0) or keeps it scaled by 1 / (1 - 0.5) (x 2).
-    combinations = []
-    for attn_scale in (0, 2):
-        mid = x + attn_scale * block.attn(block.norm1(x))
-        for mlp_scale in (0, 2):
-            candidate = mid + mlp_scale * block.mlp(block.norm2(mid))
-            combinations.append(np.all(np.isclose(out, candidate, atol=1e-4), axis=(1, 2)))
-    matches = np.stack(combinations)  # (4 combinations, 16 samples)
-    assert matches.any(axis=0).all()  # every sample is one of them
-    assert (matches.sum(axis=1) > 0).sum() >= 2  # and samples differ
-    assert not np.array_equal(out, block(x))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -163,14 +102,6 @@ def test_pretrained_position_table_is_resampled_for_another_image_size(exported_
     )
 
 
-def test_classifier_position_table_is_a_parameter_with_timm_init_and_mae_keeps_it_fixed():
-    model = Classifier(ClassifierConfig(ENCODER, 10, protocol=FINETUNE), rngs=nnx.Rngs(0))
-    table = np.asarray(model.encoder.pos_embed[...])
-    assert isinstance(model.encoder.pos_embed, nnx.Param) and table.shape == (1, 17, ENCODER.width)
-    assert abs(table.std() - 0.02) < 0.003 and np.abs(table).max() < 4 * 0.02  # timm: trunc_normal(std .02)
-    assert not isinstance(MAE(TINY, rngs=nnx.Rngs(0)).encoder.pos_embed, nnx.Param)  # pretraining: fixed
-
-
 def test_pretrained_encoder_of_another_shape_is_one_line_error(exported_encoder):
     directory, _ = exported_encoder
     model_config = finetune.classifier_config(tiny_downstream_config("finetune", **{"model.variant": "mu/4"}))
@@ -198,7 +129,7 @@ def test_classifier_exports_to_the_official_layout():
 @pytest.mark.parametrize("task", ["finetune", "linprobe"])
 def test_runs_a_few_steps_from_an_exported_encoder_on_mock_imagenet(tmp_path: pathlib.Path, exported_encoder, task):
     directory, expected = exported_encoder
-    config = tiny_downstream_config(task, init=str(directory), eval_every_steps=1)
+    config = tiny_downstream_config(task, init=str(directory), **{"evals.classification.every_steps": 1})
     with tfds.testing.mock_data(num_examples=16):
         accuracy = finetune.train_and_evaluate(config, str(tmp_path))
     assert set(accuracy) == {"top1", "top5"} and 0 <= accuracy["top1"] <= accuracy["top5"] <= 100

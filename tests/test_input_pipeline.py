@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
 import logging
@@ -14,6 +15,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from mae_jax import input_pipeline
+from mae_jax.configuration import ConfigError
 from mae_jax.input_pipeline import CROP_RATIO, CROP_SCALE
 from tests.conftest import tiny_train_config
 
@@ -269,6 +271,41 @@ def test_fashion_mnist_missing_or_damaged_files_fail_in_one_line(tmp_path: pathl
     dataset.update({"data_dir": str(tmp_path), "split": "test"})
     with pytest.raises(input_pipeline.DatasetNotFoundError, match=r"cannot read .*t10k-images-idx3-ubyte\.gz"):
         input_pipeline.make_source(dataset)
+
+
+def source_data(name: str, root: pathlib.Path) -> tuple[dict, contextlib.AbstractContextManager, int]:
+    """Data for `dataset.source=name` under `root`: the dataset keys that find it, the context it opens in, its
+    size. A source added to input_pipeline.SOURCES fails the test below until it gets data here."""
+    if name == "folder":
+        (root / "train" / "n01").mkdir(parents=True)
+        for i in range(2):
+            (root / "train" / "n01" / f"{i}.JPEG").write_bytes(encode(photo(i)))
+        return {"dataset.data_dir": str(root)}, contextlib.nullcontext(), 2
+    if name == "fashion_mnist":
+        write_fashion_mnist(root, num_train=3, num_test=2)
+        return {"dataset.data_dir": str(root)}, contextlib.nullcontext(), 3
+    if name == "tfds":
+        return {"dataset.name": "imagenet2012"}, tfds.testing.mock_data(num_examples=4), 4
+    assert name == "demo", f"no test data for dataset.source={name!r}"
+    return {}, contextlib.nullcontext(), len(input_pipeline.DEMO_PHOTOS)
+
+
+@pytest.mark.parametrize("name", list(input_pipeline.SOURCES))
+def test_every_source_in_the_table_opens(name: str, tmp_path: pathlib.Path):
+    overrides, context, size = source_data(name, tmp_path)
+    with context:
+        source = input_pipeline.make_source(tiny_train_config(**{"dataset.source": name, **overrides}).dataset)
+        record = source[size - 1]
+    assert len(source) == size and isinstance(record["label"], int) and isinstance(record["name"], str)
+    image = input_pipeline.decode(record["image"])
+    assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[-1] == 3
+
+
+def test_unknown_source_is_one_line_error_naming_the_valid_ones():
+    dataset = tiny_train_config(**{"dataset.source": "s3"}).dataset
+    with pytest.raises(ConfigError) as error:
+        input_pipeline.make_source(dataset)
+    assert str(error.value) == "dataset.source='s3' must be 'tfds', 'folder', 'fashion_mnist' or 'demo'"
 
 
 def test_eval_batches_cover_the_examples_once_in_equal_batch_counts():

@@ -12,7 +12,7 @@ from PIL import Image
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
 
-from mae_jax import configuration, input_pipeline, train
+from mae_jax import configuration, input_pipeline, sharding, train
 from mae_jax.configuration import ConfigError
 from mae_jax.evaluators.knn import KnnEvaluator, knn_classify, knn_votes
 from tests.conftest import tiny_train_config
@@ -24,13 +24,18 @@ def fashion_config(data_dir: pathlib.Path, **overrides):
         **{
             "dataset.source": "fashion_mnist",
             "dataset.data_dir": str(data_dir),
-            "knn.every_steps": 1,
-            "knn.num_train": 32,
-            "knn.num_eval": 10,
-            "knn.batch_size": 8,
+            "evals.knn.every_steps": 1,
+            "evals.knn.num_train": 32,
+            "evals.knn.num_eval": 10,
+            "evals.knn.batch_size": 8,
             **overrides,
         }
     )
+
+
+def knn_evaluator(config) -> KnnEvaluator:
+    """The evaluator as a pretraining run sets it up: on the run's mesh, beside its training source."""
+    return KnnEvaluator(config, sharding.make_mesh(config.mesh), input_pipeline.make_source(config.dataset))
 
 
 def test_votes_weight_the_k_nearest_by_exp_similarity_over_temperature():
@@ -62,14 +67,14 @@ def test_separable_blobs_are_classified_and_random_labels_are_chance():
 
 def test_evaluator_features_are_the_cls_token_of_each_valid_example(tmp_path: pathlib.Path, tiny_model):
     written = write_fashion_mnist(tmp_path, num_train=40, num_test=10)
-    evaluator = KnnEvaluator(fashion_config(tmp_path))
+    evaluator = knn_evaluator(fashion_config(tmp_path))
     source = input_pipeline.Subset(input_pipeline.make_source(fashion_config(tmp_path).dataset), np.arange(30))
     features, labels = evaluator.features(tiny_model.encoder, source)  # 4 batches of 8, 2 padding rows
     np.testing.assert_array_equal(labels, written["train"][1][:30])
     images = np.stack([input_pipeline.eval_transform(input_pipeline.decode(source[i]["image"]), 32) for i in (0, 29)])
     expected = tiny_model.encoder(input_pipeline.normalize(images))[:, 0]
     np.testing.assert_allclose(features[[0, 29]], expected, rtol=1e-4, atol=1e-5)
-    assert evaluator.evaluate(tiny_model.encoder) == {"knn_top1": 1.0}  # each class is its own pattern
+    assert evaluator.run(tiny_model) == {"knn_top1": 1.0}  # each class is its own pattern
 
 
 def write_flat_colors(root: pathlib.Path, per_class: int, rng: np.random.Generator) -> None:
@@ -89,28 +94,40 @@ def test_knn_subsets_of_a_class_sorted_folder_cover_every_class(tmp_path: pathli
     write_flat_colors(tmp_path / "test", 5, rng)
     config = fashion_config(
         tmp_path,
-        **{"dataset.source": "folder", "knn.eval_split": "test", "knn.num_train": 50, "knn.num_eval": 1000},
+        **{
+            "dataset.source": "folder",
+            "evals.knn.eval_split": "test",
+            "evals.knn.num_train": 50,
+            "evals.knn.num_eval": 1000,
+        },
     )
     # the first 50 training images are classes 0-2 only, which would cap the accuracy at 0.3 (chance: 0.1)
-    assert KnnEvaluator(config).evaluate(tiny_model.encoder)["knn_top1"] >= 0.9
+    assert knn_evaluator(config).run(tiny_model)["knn_top1"] >= 0.9
 
 
 def test_unlabeled_data_is_refused_at_start():
-    with pytest.raises(input_pipeline.DatasetNotFoundError, match="split 'train' has no labels"):
-        KnnEvaluator(tiny_train_config(**{"knn.every_steps": 1}))  # the demo photographs, validation skipped
+    message = "split 'train' has no labels; set evals.knn.every_steps=0"
+    with pytest.raises(input_pipeline.DatasetNotFoundError, match=message):
+        knn_evaluator(tiny_train_config(**{"evals.knn.every_steps": 1}))  # the demo photographs, validation skipped
 
 
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"knn.k": 0}, "knn.k=0 must be >= 1"),
-        ({"knn.temperature": 0.0}, "knn.temperature=0.0 must be > 0"),
-        ({"knn.every_steps": -1}, "knn.every_steps=-1 must be >= 0"),
-        ({"knn.every_steps": 5}, "knn.every_steps > 0 needs labeled data: dataset.source='demo' has no labels"),
-        ({"dataset.source": "mnist"}, "dataset.source='mnist' must be 'tfds', 'folder', 'fashion_mnist' or 'demo'"),
+        ({"evals.knn.k": 0}, "evals.knn.k=0 must be >= 1"),
+        ({"evals.knn.temperature": 0.0}, "evals.knn.temperature=0.0 must be > 0"),
+        ({"evals.knn.every_steps": -1}, "evals.knn.every_steps=-1 must be >= 0"),
         (
-            {"dataset.source": "fashion_mnist", "knn.every_steps": 5, "knn.batch_size": 12},
-            "knn.batch_size=12 is not a positive multiple of the 8 devices",
+            {"evals.knn.every_steps": 5},
+            "evals.knn.every_steps > 0 needs labeled data: dataset.source='demo' has no labels",
+        ),
+        (
+            {"dataset.source": "fashion_mnist", "evals.knn.every_steps": 5, "evals.knn.num_eval": 0},
+            "evals.knn.num_train=10000 and evals.knn.num_eval=0 must be >= 1",
+        ),
+        (
+            {"dataset.source": "fashion_mnist", "evals.knn.every_steps": 5, "evals.knn.batch_size": 12},
+            "evals.knn.batch_size=12 is not a positive multiple of the 8 devices",
         ),
     ],
 )

@@ -99,8 +99,9 @@ def finetune_config(data_dir: pathlib.Path) -> ConfigDict:
     from tests.conftest import with_overrides
 
     overrides = {
-        "dataset.source": "folder", "dataset.data_dir": str(data_dir), "dataset.eval_split": "train",
-        "num_classes": 2, "image_size": 32, "model.variant": "mu/8", "batch_size": 8, "eval_batch_size": 8,
+        "dataset.source": "folder", "dataset.data_dir": str(data_dir), "evals.classification.split": "train",
+        "num_classes": 2, "image_size": 32, "model.variant": "mu/8", "batch_size": 8,
+        "evals.classification.batch_size": 8,
         "total_steps": 2, "warmup_steps": 1, "input.num_threads": 2, "mesh.fsdp": 4, "mesh.data": 1,
     }  # fmt: skip
     return with_overrides(configuration.downstream_config("finetune"), overrides)

@@ -1,16 +1,15 @@
 """Parity with an implementation we did not write: transformers' `ViTMAEForPreTraining`, same weights and noise.
 
-Our weights go to the official layout (`convert.to_official`) and from there to transformers' names. Loss,
-predictions, mask and the encoder latent must agree within 1e-5 (max abs), in float32, at a tiny size and at
-ViT-B/16 224 px; the gradients w.r.t. every parameter (torch autograd on their side) within 1e-5 of the
-largest gradient, at the tiny size. Norm scales, biases and the tokens are moved away from their init so that,
-e.g., swapped norm1/norm2 or a q/k/v split in the wrong order would show.
+Our weights go to the official layout (`convert.to_official`) and from there to transformers' names
+(`convert.hf`). Loss, predictions, mask and the encoder latent must agree within 1e-5 (max abs), in float32, at
+a tiny size and at ViT-B/16 224 px; the gradients w.r.t. every parameter (torch autograd on their side) within
+1e-5 of the largest gradient, at the tiny size. Norm scales, biases and the tokens are moved away from their init
+so that, e.g., swapped norm1/norm2 or a q/k/v split in the wrong order would show.
 """
 
 from __future__ import annotations
 
 import functools
-import re
 
 import jax
 import numpy as np
@@ -19,7 +18,7 @@ import torch
 import transformers  # setup.cfg's test extra: without it these tests fail (ImportError), never skip
 from flax import nnx
 
-from mae_jax import benchmark, convert
+from mae_jax import convert
 from mae_jax.models.mae import MAE, MAEConfig
 
 TOLERANCE = 1e-5
@@ -28,42 +27,11 @@ SIZES = {
     "B/16": (MAEConfig.from_variant("B/16", 224), 2),  # the official 512 x 8 decoder with 16 heads
 }
 
-# Official module -> transformers module; transformer blocks are mapped in `official_to_hf`.
-HF_MODULES = {
-    "cls_token": "vit.embeddings.cls_token",
-    "pos_embed": "vit.embeddings.position_embeddings",
-    "patch_embed.proj": "vit.embeddings.patch_embeddings.projection",
-    "norm": "vit.layernorm",
-    "mask_token": "decoder.mask_token",
-    "decoder_pos_embed": "decoder.decoder_pos_embed",
-    "decoder_embed": "decoder.decoder_embed",
-    "decoder_norm": "decoder.decoder_norm",
-    "decoder_pred": "decoder.decoder_pred",
-}
-HF_BLOCK = {
-    "norm1": "layernorm_before",
-    "attn.proj": "attention.o_proj",
-    "norm2": "layernorm_after",
-    "mlp.fc1": "mlp.fc1",
-    "mlp.fc2": "mlp.fc2",
-}
 
-
-def official_to_hf(state_dict: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    out = {}
-    for key, value in state_dict.items():
-        tensor = torch.from_numpy(np.array(value))
-        if block := re.fullmatch(r"(decoder_)?blocks\.(\d+)\.(.+)\.(weight|bias)", key):
-            prefix = f"{'decoder.decoder_layers' if block[1] else 'vit.layers'}.{block[2]}"
-            if block[3] == "attn.qkv":  # official: one linear with outputs q|k|v; transformers: three linears
-                for name, part in zip(("q_proj", "k_proj", "v_proj"), tensor.chunk(3, dim=0), strict=True):
-                    out[f"{prefix}.attention.{name}.{block[4]}"] = part.contiguous()
-            else:
-                out[f"{prefix}.{HF_BLOCK[block[3]]}.{block[4]}"] = tensor
-        else:
-            module, _, param = key.rpartition(".") if key.endswith((".weight", ".bias")) else (key, "", "")
-            out[".".join(filter(None, (HF_MODULES[module], param)))] = tensor
-    return out
+def hf_state_dict(state: nnx.State) -> dict[str, torch.Tensor]:
+    """Our state in transformers' names, via the official layout."""
+    hf_names = convert.hf.official_to_hf(convert.to_official(state))
+    return {key: torch.from_numpy(value) for key, value in hf_names.items()}
 
 
 def perturbed_state(config: MAEConfig, seed: int) -> nnx.State:
@@ -92,7 +60,7 @@ def prepared(size: str):
     config, batch = SIZES[size]
     state = perturbed_state(config, seed=7)
     torch.manual_seed(0)
-    hf = transformers.ViTMAEForPreTraining(benchmark.transformers_config(config, mask_ratio=0.75)).eval()
+    hf = transformers.ViTMAEForPreTraining(convert.hf.transformers_config(config, mask_ratio=0.75)).eval()
     # transformers' own fixed sin-cos tables, as its init builds them (5.x skips re-initialising otherwise).
     embeddings = hf.vit.embeddings
     embeddings.patch_embeddings.projection._is_hf_initialized = False
@@ -102,7 +70,7 @@ def prepared(size: str):
         embeddings.position_embeddings.detach().numpy().copy(),
         hf.decoder.decoder_pos_embed.detach().numpy().copy(),
     )
-    result = hf.load_state_dict(official_to_hf(convert.to_official(state)), strict=True)
+    result = hf.load_state_dict(hf_state_dict(state), strict=True)
     assert not result.missing_keys and not result.unexpected_keys
     return config, batch, state, hf, hf_tables
 
@@ -183,7 +151,7 @@ def test_gradients_match_transformers(norm_pix, record_property):
         return jax.grad(lambda p: nnx.merge(graphdef, p, fixed)(images, mask_ratio, noise=noise).loss)(params)
 
     with jax.default_matmul_precision("highest"):
-        ours = official_to_hf(convert.to_official(jax.device_get(our_gradients(params))))
+        ours = hf_state_dict(jax.device_get(our_gradients(params)))
 
     hf.config.mask_ratio, hf.config.norm_pix_loss = mask_ratio, norm_pix
     hf.zero_grad(set_to_none=True)

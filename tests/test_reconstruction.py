@@ -1,4 +1,5 @@
-"""Reconstruction panels show the model's prediction in removed patches and the input elsewhere."""
+"""Reconstruction panels show the model's prediction in removed patches and the input elsewhere; the training
+run's grid is the same images and masks at every evaluation."""
 
 from __future__ import annotations
 
@@ -6,9 +7,12 @@ import jax
 import numpy as np
 from flax import nnx
 
-from mae_jax import reconstruction
+from mae_jax import input_pipeline, sharding
+from mae_jax.evaluators import reconstruction
+from mae_jax.evaluators.reconstruction import ReconstructionEvaluator
 from mae_jax.models.mae import MAE
 from mae_jax.models.vit import patchify
+from tests.conftest import tiny_train_config
 
 
 def test_panels_and_grid(tiny_model: MAE):
@@ -70,3 +74,22 @@ def test_norm_pix_reconstruction_is_denormalized_with_each_patch_statistics(tiny
         for row in range(2):
             cell = grid[2 + row * 34 : 2 + row * 34 + 32, 2 + column * 34 : 2 + column * 34 + 32]
             assert np.max(np.abs(cell - shown[row])) <= 0.5 + 1e-3, (row, column)  # rounded to the nearest level
+
+
+def test_evaluator_grid_is_the_first_images_masked_by_the_runs_fixed_noise(tiny_model: MAE):
+    """The grid the pretraining loop wrote before evaluators existed: the source's first readable images,
+    center-cropped, masked by uniform noise drawn from key(seed + 2); the same at every evaluation."""
+    config = tiny_train_config(seed=3, **{"evals.reconstruction.num_images": 3, "mask_ratio": 0.5})
+    source = input_pipeline.make_source(config.dataset)
+    evaluator = ReconstructionEvaluator(config, sharding.make_mesh(config.mesh), source)
+    (name, image), *others = evaluator.run(tiny_model).items()
+    assert name == "reconstruction" and not others
+
+    images = np.stack([input_pipeline.eval_transform(input_pipeline.decode(source[i]["image"]), 32) for i in range(3)])
+    noise = jax.random.uniform(jax.random.key(5), (3, 16))
+    graphdef, params, fixed = nnx.split(tiny_model, nnx.Param, ...)
+    reconstruct = reconstruction.make_reconstruct_fn(graphdef, 0.5)
+    expected = reconstruction.grid(np.asarray(reconstruct(params, fixed, input_pipeline.normalize(images), noise)))
+    np.testing.assert_array_equal(image, expected)
+    assert image.shape == (3 * 34 + 2, 4 * 34 + 2, 3) and image.dtype == np.uint8
+    np.testing.assert_array_equal(evaluator.run(tiny_model)["reconstruction"], image)

@@ -21,18 +21,18 @@ import pytest
 import tensorflow_datasets as tfds
 from etils import epath
 
-from mae_jax import checkpointing, configuration, finetune, input_pipeline, optim, train
+from mae_jax import checkpointing, configuration, finetune, input_pipeline, loop, optim, train
 from tests.conftest import tiny_train_config, with_overrides
 
 STEPS = 4
 
 
 def run(workdir: pathlib.Path, monkeypatch: pytest.MonkeyPatch, *, stop_after: int | None = None, **overrides):
-    """The tiny run of STEPS steps; with `stop_after`, preempted (saved, `train.Preempted`) after that step."""
+    """The tiny run of STEPS steps; with `stop_after`, preempted (saved, `loop.Preempted`) after that step."""
     config = tiny_train_config(total_steps=STEPS, checkpoint_every_steps=100, log_every_steps=100, **overrides)
     if stop_after is None:
         return train.train_and_evaluate(config, str(workdir))
-    with monkeypatch.context() as patch, pytest.raises(train.Preempted, match=f"at step {stop_after}:"):
+    with monkeypatch.context() as patch, pytest.raises(loop.Preempted, match=f"at step {stop_after}:"):
         patch.setattr(checkpointing.PreemptionWatch, "reached", lambda self, manager, step: step == stop_after)
         train.train_and_evaluate(config, str(workdir))
 
@@ -50,7 +50,7 @@ def saved_opt_state(workdir: pathlib.Path, step: int):
         return checkpointer.metadata(workdir / "checkpoints" / str(step) / "state").item_metadata["opt_state"]
 
 
-def assert_same_params(state: train.TrainState, expected: list[np.ndarray], *, exact: bool = True) -> None:
+def assert_same_params(state: loop.TrainState, expected: list[np.ndarray], *, exact: bool = True) -> None:
     """Bit for bit; or, where steps ran with skipping on, within a tenth of one step's largest change.
 
     apply_if_finite's conditional compiles the update apart, which moves it by an ulp, and Adam's m / sqrt(v)
@@ -131,12 +131,12 @@ def test_downstream_run_resumes_with_skip_nonfinite_steps_switched(
 ):
     def config(skip: int):  # a 2-step run from random init on mocked ImageNet
         overrides = {"dataset.name": "imagenet2012", "image_size": 32, "model.variant": "mu/8", "batch_size": 8,
-                     "eval_batch_size": 8, "total_steps": 2, "warmup_steps": 1, "input.num_threads": 2,
+                     "evals.classification.batch_size": 8, "total_steps": 2, "warmup_steps": 1, "input.num_threads": 2,
                      "skip_nonfinite_steps": skip}  # fmt: skip
         return with_overrides(configuration.downstream_config(task), overrides)
 
     with tfds.testing.mock_data(num_examples=16):
-        with monkeypatch.context() as patch, pytest.raises(train.Preempted, match="at step 1:"):
+        with monkeypatch.context() as patch, pytest.raises(loop.Preempted, match="at step 1:"):
             patch.setattr(checkpointing.PreemptionWatch, "reached", lambda self, manager, step: step == 1)
             finetune.train_and_evaluate(config(0), str(tmp_path))
         finetune.train_and_evaluate(config(2), str(tmp_path))
@@ -199,8 +199,9 @@ def test_keys_that_do_not_change_a_step_may_change_across_a_resume(preempted: pa
     shutil.copytree(preempted, workdir)
     free = {  # num_epochs 2 of the 16 photos in batches of 8 resolves to the same 4 steps
         "total_steps": -1, "num_epochs": 2, "grad_accum_steps": 2, "skip_nonfinite_steps": 3, "model.remat": True,
-        "log_every_steps": 1, "checkpoint_every_steps": 1, "keep_checkpoints": 1, "image_every_steps": 2,
-        "num_images": 1, "input.num_threads": 1, "input.resize_on_device": False, "knn.k": 5,
+        "log_every_steps": 1, "checkpoint_every_steps": 1, "keep_checkpoints": 1,
+        "evals.reconstruction.every_steps": 2, "evals.reconstruction.num_images": 1, "input.num_threads": 1,
+        "input.resize_on_device": False, "evals.knn.k": 5,
         "dataset.data_dir": "/elsewhere", "compilation_cache": False,
     }  # fmt: skip
     state = train.train_and_evaluate(tiny_train_config(**free), str(workdir))
@@ -234,7 +235,10 @@ def finetune_record(config) -> dict:
 def test_changed_downstream_recipe_is_refused(tmp_path: pathlib.Path, task: str, key: str, old, new):
     config = configuration.downstream_config(task)
     manager = saved_record(tmp_path, finetune_record(config))
-    free = {"eval_every_steps": 7, "eval_batch_size": 64, "init": "elsewhere", "dataset.eval_split": "test"}
+    free = {
+        "evals.classification.every_steps": 7, "evals.classification.batch_size": 64, "init": "elsewhere",
+        "evals.classification.split": "test",
+    }  # fmt: skip
     checkpointing.check_same_run(manager, finetune_record(with_overrides(configuration.downstream_config(task), free)))
     changed = with_overrides(configuration.downstream_config(task), {key: new})
     message = f"{key}: {old!r} in the checkpoint, {new!r} now"

@@ -41,35 +41,24 @@ def local_batch(images: np.ndarray, batch_sharding: jax.sharding.NamedSharding) 
 
 
 def run_steps(mesh: jax.sharding.Mesh, grad_accum_steps: int = 1) -> dict:
-    """STEPS steps of the tiny model on `mesh` (of one or more processes): losses, parameters (gathered to
-    every host), every state leaf's global and per-device shape, and the compiled step's HLO."""
-    from flax import nnx
+    """STEPS steps of the tiny model on `mesh` (of one or more processes), as the task table assembles the
+    pretraining step: losses, parameters (gathered to every host), every state leaf's global and per-device
+    shape, and the compiled step's HLO."""
     from jax.experimental import multihost_utils
 
-    from mae_jax import configuration, optim, train
-    from mae_jax.models.mae import MAE
+    from mae_jax import tasks
     from tests.conftest import tiny_train_config
 
-    config = tiny_train_config(batch_size=BATCH)
-    model_config = configuration.model_config(config)
-    tx = optim.make_optimizer(config, lambda step: 1e-3)
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: MAE(model_config, rngs=nnx.Rngs(0))))
-    abstract_state = jax.eval_shape(lambda: train.init_train_state(model_config, tx, config.seed))
-    state_sharding = sharding.train_state_shardings(mesh, abstract_state, tx)
-    state = jax.jit(lambda: train.init_train_state(model_config, tx, config.seed), out_shardings=state_sharding)()
-    batch_sharding = sharding.batch_sharding(mesh)
-    step = train.make_train_step(
-        graphdef, tx, lambda _: 1e-3, config.mask_ratio, config.seed, grad_accum_steps=grad_accum_steps, mesh=mesh
-    )
-    step = jax.jit(
-        step, in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, sharding.replicated(mesh))
-    )
+    # lr 1e-3 from the first step (no warmup), almost constant over a long cosine
+    config = tiny_train_config(batch_size=BATCH, grad_accum_steps=grad_accum_steps, base_lr=1e-3 * 256 / BATCH)
+    assembly = tasks.TASKS["pretrain"].assemble(config, mesh, total_steps=10_000, warmup_steps=0)
+    state = assembly.init()
     batches = [np.random.default_rng(i).integers(0, 256, (BATCH, 32, 32, 3), dtype=np.uint8) for i in range(STEPS)]
-    compiled = step.lower(state, local_batch(batches[0], batch_sharding)).compile()
+    compiled = assembly.train_step.lower(state, local_batch(batches[0], assembly.batch_sharding)).compile()
     shapes = {jax.tree_util.keystr(p): [x.shape, x.addressable_shards[0].data.shape] for p, x in flatten(state)}
     losses = []
     for images in batches:
-        state, metrics = compiled(state, local_batch(images, batch_sharding))
+        state, metrics = compiled(state, local_batch(images, assembly.batch_sharding))
         losses.append(float(metrics["loss"]))
     params = multihost_utils.process_allgather(state.params, tiled=True)
     return {

@@ -79,12 +79,12 @@ def folder_finetune_config(data_dir: pathlib.Path, num_classes: int):
         {
             "dataset.source": "folder",
             "dataset.data_dir": str(data_dir),
-            "dataset.eval_split": "train",
+            "evals.classification.split": "train",
             "num_classes": num_classes,
             "image_size": 32,
             "model.variant": "mu/8",
             "batch_size": 8,
-            "eval_batch_size": 8,
+            "evals.classification.batch_size": 8,
             "total_steps": 2,
             "warmup_steps": 1,
             "input.num_threads": 2,
@@ -119,7 +119,7 @@ def test_evaluation_folder_missing_a_class_is_refused_before_compiling(tmp_path:
         raise AssertionError("compiled before comparing the splits' classes")
 
     monkeypatch.setattr(jax, "jit", compile_attempt)
-    config = with_overrides(folder_finetune_config(tmp_path / "data", 3), {"dataset.eval_split": "val"})
+    config = with_overrides(folder_finetune_config(tmp_path / "data", 3), {"evals.classification.split": "val"})
     with pytest.raises(ConfigError, match=r"only in the training split: \['c1'\]") as error:
         finetune.train_and_evaluate(config, str(tmp_path / "workdir"))
     assert "\n" not in str(error.value)

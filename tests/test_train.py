@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from mae_jax import train
+from mae_jax import loop, train
 from tests.conftest import TINY_MAIN_FLAGS, run_main, tiny_train_config
 
 
@@ -88,7 +88,7 @@ FINITE_METRICS = {"loss": np.float32(1.0), "grad_norm": np.float32(2.0), "lr": n
 
 def bookkeeper(
     workdir: pathlib.Path, writer: RecordingWriter, *, start_step: int, flops_per_step: float, **overrides
-) -> train.Bookkeeper:
+) -> loop.Bookkeeper:
     """A Bookkeeper of a 50-step run of the tiny config, checkpointing into `workdir`/checkpoints."""
     from etils import epath
 
@@ -96,7 +96,7 @@ def bookkeeper(
 
     config = tiny_train_config(checkpoint_every_steps=100, **overrides)
     manager = checkpointing.make_manager(epath.Path(workdir) / "checkpoints", 2)
-    return train.Bookkeeper(
+    return loop.Bookkeeper(
         config, manager, writer, input_pipeline.SkippedImages(),
         start_step=start_step, total_steps=50, workdir=workdir, flops_per_step=flops_per_step,
         run_record=config.to_dict(),
@@ -121,7 +121,7 @@ def test_bookkeeper_summarizes_times_without_evaluations_and_guards_before_savin
         books.record(6, state, FINITE_METRICS)
         assert writer.scalars[6]["step_time_s"] < 0.1
         books.record(7, state, {**FINITE_METRICS, "loss": np.float32(np.nan)})
-        with pytest.raises(train.NonFiniteError, match="at step 7"):
+        with pytest.raises(loop.NonFiniteError, match="at step 7"):
             books.record(8, state, FINITE_METRICS)  # the guard looks at every step before the summary of step 8
     assert books.manager.latest_step() is None
 
@@ -136,5 +136,5 @@ def test_bookkeeper_traces_profile_steps_after_a_restart(tmp_path: pathlib.Path,
         for step in range(start + 1, last_step + 1):
             state = jax.jit(lambda x: x @ x)(np.full((64, 64), step, np.float32))
             books.record(step, state, FINITE_METRICS)
-            assert bool(traces()) == (step >= start + train.PROFILE_AFTER_STEPS + 2), step
+            assert bool(traces()) == (step >= start + loop.PROFILE_AFTER_STEPS + 2), step
     assert len(traces()) == 1  # a loop that ends inside the traced steps still writes its trace

@@ -15,7 +15,7 @@ from flax import nnx
 from PIL import Image
 from skimage import data
 
-from mae_jax import checkpointing, convert, input_pipeline, train, visualize
+from mae_jax import checkpointing, convert, input_pipeline, loop, visualize
 from mae_jax.models.mae import MAE
 from tests.conftest import REPO, TINY
 
@@ -87,7 +87,7 @@ def test_demo_photos_by_default(params_dir: pathlib.Path, tmp_path: pathlib.Path
 
 
 # Written in another process with 2 devices, as a pod would: the newest checkpoint must restore onto one device.
-# The state is a train.TrainState's tree (importing train in that process would cost seconds of TensorFlow).
+# The state is a loop.TrainState's tree (importing train in that process would cost seconds of TensorFlow).
 WRITE_WORKDIR = """
 import sys
 import jax, numpy as np, optax
@@ -122,7 +122,7 @@ def test_workdir_newest_checkpoint_from_two_devices(tmp_path: pathlib.Path, caps
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
     assert written.returncode == 0, written.stderr[-2000:]
-    assert {"step", "params", "fixed", "opt_state"} == {field.name for field in dataclasses.fields(train.TrainState)}
+    assert {"step", "params", "fixed", "opt_state"} == {field.name for field in dataclasses.fields(loop.TrainState)}
     assert len(jax.devices()) == 1
 
     model = visualize.load_model(str(workdir))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import re
 
 import jax
 import jax.numpy as jnp
@@ -12,18 +11,7 @@ import pytest
 from flax import nnx
 
 from mae_jax.models.mae import MAE
-from mae_jax.models.vit import (
-    Block,
-    Compute,
-    Encoder,
-    EncoderConfig,
-    fused_attention,
-    gelu,
-    layer_norm,
-    run_blocks,
-    sincos_2d,
-    softmax_attention,
-)
+from mae_jax.models.vit import Encoder, EncoderConfig, sincos_2d
 
 SIN1, COS1 = math.sin(1.0), math.cos(1.0)
 SIN001, COS001 = math.sin(0.01), math.cos(0.01)  # width 8: each half has omegas 1 and 10000^(-1/2) = 0.01
@@ -81,84 +69,3 @@ def test_encoder_alone_equals_mae_latent_without_masking(tiny_model: MAE):
     features = tiny_model.encoder(images)
     assert features.shape == (2, 1 + num_patches, tiny_model.config.encoder.width)
     np.testing.assert_allclose(features, latent, atol=1e-6)
-
-
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_layer_norm_is_flax_forward_with_the_same_gradients(dtype):
-    ours = layer_norm(64, nnx.Rngs(0), dtype)
-    theirs = nnx.LayerNorm(64, epsilon=1e-6, use_fast_variance=False, dtype=dtype, rngs=nnx.Rngs(0))
-    for norm in (ours, theirs):  # off init, so that a swapped scale and bias would show
-        norm.scale[...] = jax.random.normal(jax.random.key(1), (64,))
-        norm.bias[...] = jax.random.normal(jax.random.key(2), (64,))
-    x = (3 + 2 * jax.random.normal(jax.random.key(3), (4, 10, 64))).astype(dtype)
-    cotangent = jax.random.normal(jax.random.key(4), (4, 10, 64))
-
-    def grads(norm: nnx.Module) -> tuple[nnx.State, jax.Array]:
-        graphdef, state = nnx.split(norm)
-        loss = lambda state, x: jnp.vdot(nnx.merge(graphdef, state)(x).astype(jnp.float32), cotangent)  # noqa: E731
-        return jax.grad(loss, argnums=(0, 1))(state, x)
-
-    np.testing.assert_array_equal(ours(x), theirs(x))
-    (ours_params, ours_x), (theirs_params, theirs_x) = grads(ours), grads(theirs)
-    tolerance = 1e-5 if dtype == jnp.float32 else 1e-2  # flax's backward rounds to bfloat16 in between
-    for a, b in [(ours_x, theirs_x), *((ours_params[k][...], theirs_params[k][...]) for k in ("scale", "bias"))]:
-        assert a.dtype == b.dtype
-        difference = np.max(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)))
-        assert difference <= tolerance * np.max(np.abs(np.asarray(b, np.float32)))
-
-
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_gelu_is_exact_gelu_with_its_gradient(dtype):
-    x = jnp.linspace(-8, 8, 1001).astype(dtype)
-    ours, ours_vjp = jax.vjp(gelu, x)
-    theirs, theirs_vjp = jax.vjp(lambda x: jax.nn.gelu(x.astype(jnp.float32), approximate=False), x)
-    cotangent = jax.random.normal(jax.random.key(0), x.shape)
-    tolerance = 1e-6 if dtype == jnp.float32 else 1e-2
-    np.testing.assert_allclose(np.asarray(ours, np.float32), theirs, atol=tolerance, rtol=tolerance)
-    (ours_grad,), (theirs_grad,) = ours_vjp(cotangent.astype(dtype)), theirs_vjp(cotangent)
-    assert ours_grad.dtype == dtype
-    np.testing.assert_allclose(np.asarray(ours_grad, np.float32), theirs_grad, atol=tolerance, rtol=tolerance)
-
-
-def test_softmax_attention_matches_jax_dot_product_attention():
-    q, k, v, cotangent = (jax.random.normal(jax.random.key(i), (2, 3, 7, 8)) for i in range(4))  # (N, heads, L, hd)
-
-    def reference(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:  # jax wants (N, L, heads, hd)
-        swap = lambda x: x.swapaxes(1, 2)  # noqa: E731
-        return swap(jax.nn.dot_product_attention(swap(q), swap(k), swap(v)))
-
-    ours, ours_vjp = jax.vjp(softmax_attention, q, k, v)
-    theirs, theirs_vjp = jax.vjp(reference, q, k, v)
-    np.testing.assert_allclose(ours, theirs, atol=1e-6)
-    for a, b in zip(ours_vjp(cotangent), theirs_vjp(cotangent), strict=True):
-        np.testing.assert_allclose(a, b, atol=1e-5)
-
-
-@pytest.mark.parametrize("length", [197, 50])
-def test_fused_attention_pads_odd_sequences_invisibly(length: int):
-    """The cuDNN path's padding token (odd lengths) changes neither outputs nor gradients; run here with XLA's
-    implementation of the same `jax.nn.dot_product_attention` call, as cuDNN needs a GPU."""
-    q, k, v, cotangent = (jax.random.normal(jax.random.key(i), (2, length, 3, 8)) for i in range(4))
-    ours, ours_vjp = jax.vjp(lambda q, k, v: fused_attention(q, k, v, implementation="xla"), q, k, v)
-    theirs, theirs_vjp = jax.vjp(jax.nn.dot_product_attention, q, k, v)
-    np.testing.assert_allclose(ours, theirs, atol=1e-6)
-    for a, b in zip(ours_vjp(cotangent), theirs_vjp(cotangent), strict=True):
-        np.testing.assert_allclose(a, b, atol=1e-5)
-
-
-def fusion_operand_counts(depth: int) -> list[int]:
-    """Operand counts of the top-level fusions in the compiled gradient of `depth` blocks."""
-    blocks = nnx.List([Block(32, 2, 4, compute=Compute(), rngs=nnx.Rngs(i)) for i in range(depth)])
-    graphdef, state = nnx.split(blocks)
-    x = jnp.ones((2, 5, 32))
-    loss = lambda state, x: jnp.sum(run_blocks(nnx.merge(graphdef, state), x, remat=False) ** 2)  # noqa: E731
-    text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(state, x).compile().as_text()
-    entry = text[text.index("\nENTRY") :]
-    return [len(re.findall(r"%[\w.\-]+", m[1])) for m in re.finditer(r" fusion\((.*?)\), kind=", entry)]
-
-
-def test_backward_fusions_do_not_grow_with_depth():
-    """The residual-stream gradient is computed once per block: had XLA folded the gradient of the blocks
-    above into each block's fusions (as it did with autodiff's LayerNorm backward), their operand counts
-    would grow with depth, and the work with its square."""
-    assert max(fusion_operand_counts(6)) <= max(fusion_operand_counts(2))

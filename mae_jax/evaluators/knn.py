@@ -7,7 +7,6 @@ features are the encoder's cls token after its final norm, on center-cropped ima
 
 from __future__ import annotations
 
-import copy
 import functools
 from collections.abc import Sequence
 
@@ -18,6 +17,9 @@ import numpy as np
 from flax import nnx
 
 from mae_jax import input_pipeline, sharding
+from mae_jax.evaluators import eval_input
+from mae_jax.evaluators.base import Evaluator
+from mae_jax.models.mae import MAE
 from mae_jax.models.vit import Encoder
 
 
@@ -73,38 +75,38 @@ def _cls_features(
     return encoder(input_pipeline.normalize(images))[:, 0].astype(jnp.float32), labels, valid
 
 
-class KnnEvaluator:
-    """kNN top-1 on `config.knn`'s splits of `config.dataset`; every host computes the same number.
+class KnnEvaluator(Evaluator):
+    """kNN top-1 of an MAE's encoder on `evals.knn`'s splits of `config.dataset`; every host computes the same
+    number.
 
     The sources are opened here, so a missing split or unlabeled data fails at start. Each split is a subset
-    of `knn.num_train` / `knn.num_eval` examples drawn with `config.seed` (`input_pipeline.sample_subset`:
-    stratified by class where labels are cheap), the same at every evaluation, on every host. Each host feeds
-    its rows of a global batch (`input_pipeline.eval_batches`); features come back replicated to every host.
+    of `num_train` / `num_eval` examples drawn with `config.seed` (`input_pipeline.sample_subset`: stratified
+    by class where labels are cheap), the same at every evaluation, on every host. Each host feeds its rows of
+    a global batch (`eval_input.global_batches`); features come back replicated to every host.
     """
 
-    def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None):
-        self._knn = config.knn
-        self._image_size, self._num_threads = config.image_size, config.input.num_threads
+    name = "knn"
+
+    def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, source: Sequence):
+        super().__init__(config, mesh, source)
+        knn = self.settings
+        self._image_size, self._num_threads, self._mesh = config.image_size, config.input.num_threads, mesh
         self._train = input_pipeline.sample_subset(
-            self._source(config.dataset, config.knn.train_split), config.knn.num_train, config.seed
+            self._labeled_split(config.dataset, knn.train_split), knn.num_train, config.seed
         )
         self._test = input_pipeline.sample_subset(
-            self._source(config.dataset, config.knn.eval_split), config.knn.num_eval, config.seed
+            self._labeled_split(config.dataset, knn.eval_split), knn.num_eval, config.seed
         )
         input_pipeline.check_same_classes(self._train, self._test)
-        mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
-        self._batch_sharding = sharding.batch_sharding(mesh)
         self._features = jax.jit(_cls_features, static_argnums=0, out_shardings=sharding.replicated(mesh))
         self._skipped = input_pipeline.SkippedImages()
 
     @staticmethod
-    def _source(dataset: ml_collections.ConfigDict, split: str) -> Sequence:
-        dataset = copy.deepcopy(dataset)
-        dataset.split = split
-        source = input_pipeline.make_source(dataset)
+    def _labeled_split(dataset: ml_collections.ConfigDict, split: str) -> Sequence:
+        source = eval_input.open_split(dataset, split)
         if source[0]["label"] == input_pipeline.NO_LABEL:
             raise input_pipeline.DatasetNotFoundError(
-                f"knn: {dataset.source}:{dataset.name} split {split!r} has no labels; set knn.every_steps=0"
+                f"knn: {dataset.source}:{dataset.name} split {split!r} has no labels; set evals.knn.every_steps=0"
             )
         return source
 
@@ -112,32 +114,29 @@ class KnnEvaluator:
         """(features, labels) of the source's readable examples, on every host."""
         graphdef, state = nnx.split(encoder)
         features, labels = [], []
-        for batch in input_pipeline.eval_batches(
+        for arrays in eval_input.global_batches(
             source,
+            self._mesh,
             self._image_size,
-            self._knn.batch_size,
+            self.settings.batch_size,
             num_threads=self._num_threads,
             skipped=self._skipped,
         ):
-            arrays = [
-                jax.make_array_from_process_local_data(self._batch_sharding, batch[key])
-                for key in ("image", "label", "valid")
-            ]
             batch_features, batch_labels, valid = jax.device_get(self._features(graphdef, state, *arrays))
             features.append(batch_features[valid])
             labels.append(batch_labels[valid])
         return np.concatenate(features), np.concatenate(labels)
 
-    def evaluate(self, encoder: Encoder) -> dict[str, float]:
-        """{"knn_top1": accuracy in [0, 1]} of the encoder's current features."""
-        train_features, train_labels = self.features(encoder, self._train)
-        test_features, test_labels = self.features(encoder, self._test)
+    def run(self, model: MAE) -> dict[str, float]:
+        """{"knn_top1": accuracy in [0, 1]} of the MAE encoder's current features."""
+        train_features, train_labels = self.features(model.encoder, self._train)
+        test_features, test_labels = self.features(model.encoder, self._test)
         predictions = knn_classify(
             train_features,
             train_labels,
             test_features,
             int(train_labels.max()) + 1,
-            k=self._knn.k,
-            temperature=self._knn.temperature,
+            k=self.settings.k,
+            temperature=self.settings.temperature,
         )
         return {"knn_top1": float(np.mean(np.asarray(predictions) == test_labels))}

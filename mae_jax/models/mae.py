@@ -168,3 +168,9 @@ class MAE(nnx.Module):
             pred = self.decoder(latent, masking.ids_restore)
         loss = reconstruction_loss(patches, pred, masking.mask, self.config.norm_pix_loss)
         return MAEOutput(loss, pred, masking.mask, latent)
+
+
+def abstract_model_state(config: MAEConfig) -> nnx.State:
+    """Shapes and dtypes of every variable of `MAE(config)`, without allocating it: the template that
+    checkpoints are restored into and converted files are checked against."""
+    return nnx.state(nnx.eval_shape(lambda: MAE(config, rngs=nnx.Rngs(0))))

@@ -1,15 +1,14 @@
-"""ViT encoder pieces with the official MAE numerics (facebookresearch/mae).
+"""The ViT encoder's architecture, with the official MAE numerics (facebookresearch/mae).
 
 Every choice that changes outputs follows the official code: LayerNorm eps 1e-6, exact (erf) GELU,
 fused qkv with bias, xavier-uniform linears with zero bias, fixed 2-D sin-cos position tables.
-`Compute` changes only how the blocks run (precision, attention kernel, recomputation), never the
-parameters, which stay float32.
+The blocks run the hand-written kernels of `ops` (LayerNorm, attention, GELU). `Compute` changes only
+how they run (precision, attention kernel, recomputation), never the parameters, which stay float32.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 
 import einops
@@ -17,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from mae_jax.models import ops
 
 LAYER_NORM_EPS = 1e-6
 xavier_uniform = jax.nn.initializers.xavier_uniform()
@@ -39,23 +40,16 @@ VARIANTS: dict[str, tuple[int, int, int]] = {
 }
 
 
-ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")  # `softmax_attention`; jax.nn.dot_product_attention's cuDNN kernel
-COMPUTE_DTYPES = ("float32", "bfloat16")
-
-
 @dataclasses.dataclass(frozen=True)
 class Compute:
     """How the model runs: activation/matmul dtype, attention kernel, block rematerialization."""
 
     dtype: str = "float32"  # params and optimizer state stay float32 either way; the loss is float32
-    attention: str = "xla"  # "xla": `softmax_attention` in XLA ops; "cudnn": fused flash attention (NVIDIA, bf16)
+    attention: str = "xla"  # "xla": `ops.softmax_attention`; "cudnn": `ops.fused_attention` (NVIDIA, bf16)
     remat: bool = False  # recompute each block's activations in the backward pass: less memory, ~1/3 more FLOPs
 
     def __post_init__(self):
-        if self.dtype not in COMPUTE_DTYPES:
-            raise ValueError(f"compute dtype {self.dtype!r} is not one of {COMPUTE_DTYPES}")
-        if self.attention not in ATTENTION_IMPLEMENTATIONS:
-            raise ValueError(f"attention {self.attention!r} is not one of {ATTENTION_IMPLEMENTATIONS}")
+        ops.check_kernels(self.attention, self.dtype)  # not the machine: a GPU run's model.json loads on a CPU
 
     @property
     def jnp_dtype(self) -> jnp.dtype:
@@ -189,56 +183,11 @@ def layer_norm(width: int, rngs: nnx.Rngs, dtype: jnp.dtype = jnp.float32) -> La
 
 class LayerNorm(nnx.LayerNorm):
     """nnx.LayerNorm (same parameters, bit-identical forward) with the hand-written backward of
-    `layer_norm_function`."""
+    `ops.layer_norm_function`."""
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x, scale, bias = self.promote_dtype((x, self.scale[...], self.bias[...]), dtype=self.dtype)
-        return layer_norm_function(x, scale, bias, self.epsilon)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def layer_norm_function(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float) -> jax.Array:
-    """LayerNorm over the last axis, statistics in float32, as flax's `LayerNorm(use_fast_variance=False)`.
-
-    Autodiff's backward ends each norm with the add of a broadcast row term, which XLA:CPU duplicates into
-    every consumer of the residual-stream gradient: each block's gradient fusions recomputed the gradient
-    of every block above it (~1 s of a 5 s ViT-B/16 step). Here the input gradient is one expression of
-    full-size arrays, so XLA computes the residual-stream gradient once per block. The backward keeps the
-    input in its own dtype and the per-row statistics, not the float32 centered input: under bfloat16 that
-    halves what each norm holds for the backward pass.
-    """
-    return _layer_norm_forward(x, scale, bias, epsilon)[0]
-
-
-def _layer_norm_statistics(x: jax.Array, epsilon: float) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(x - mean, mean, 1 / std) in float32, the two-pass variance of torch.nn.LayerNorm."""
-    mean = jnp.mean(x.astype(jnp.float32), axis=-1, keepdims=True)
-    centered = x.astype(jnp.float32) - mean
-    return centered, mean, jax.lax.rsqrt(jnp.mean(jax.lax.square(centered), axis=-1, keepdims=True) + epsilon)
-
-
-def _layer_norm_forward(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float) -> tuple[jax.Array, tuple]:
-    centered, mean, inv_std = _layer_norm_statistics(x, epsilon)
-    y = centered * (inv_std * scale) + bias  # flax's order of operations
-    return y.astype(x.dtype), (x, mean, inv_std, scale)
-
-
-def _layer_norm_backward(epsilon: float, residuals: tuple, d_y: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    del epsilon  # in inv_std already
-    x, mean, inv_std, scale = residuals  # x, scale and bias share one dtype (nnx's promote_dtype)
-    d_y = d_y.astype(jnp.float32)
-    normed = (x.astype(jnp.float32) - mean) * inv_std  # the forward's centered values, recomputed
-    d_normed = d_y * scale
-    d_x = inv_std * (
-        d_normed
-        - jnp.mean(d_normed, axis=-1, keepdims=True)
-        - normed * jnp.mean(d_normed * normed, axis=-1, keepdims=True)
-    )
-    rows = tuple(range(d_y.ndim - 1))
-    return tuple(g.astype(scale.dtype) for g in (d_x, jnp.sum(d_y * normed, rows), jnp.sum(d_y, rows)))
-
-
-layer_norm_function.defvjp(_layer_norm_forward, _layer_norm_backward)
+        return ops.layer_norm_function(x, scale, bias, self.epsilon)
 
 
 def run_blocks(blocks: nnx.List, x: jax.Array, remat: bool, rngs: nnx.Rngs | None = None) -> jax.Array:
@@ -316,90 +265,8 @@ class Attention(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         n, length, width = x.shape
         qkv = self.qkv(x.reshape(n * length, width)).reshape(n, length, 3, self.num_heads, width // self.num_heads)
-        if self.implementation == "cudnn":
-            out = fused_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
-        else:
-            q, k, v = qkv.transpose(2, 0, 3, 1, 4)  # each (N, heads, L, head_dim)
-            out = softmax_attention(q, k, v).transpose(0, 2, 1, 3)
+        out = ops.attention(qkv, self.implementation)
         return self.proj(split_batch(out.reshape(n * length, width))).reshape(n, length, width)
-
-
-def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str = "cudnn") -> jax.Array:
-    """`jax.nn.dot_product_attention` (cuDNN's fused kernel) on (batch, tokens, heads, head_dim) arrays.
-
-    cuDNN trains only on even token counts (the decoder has 197 tokens): an odd sequence gets one padding
-    token, which the sequence lengths keep out of every softmax, and its output row is dropped.
-    """
-    n, length = q.shape[:2]
-    if length % 2 == 0:
-        return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
-    q, k, v = (jnp.pad(t, ((0, 0), (0, 1), (0, 0), (0, 0))) for t in (q, k, v))
-    lengths = jnp.full((n,), length, jnp.int32)
-    out = jax.nn.dot_product_attention(
-        q, k, v, query_seq_lengths=lengths, key_value_seq_lengths=lengths, implementation=implementation
-    )
-    return out[:, :length]
-
-
-@jax.custom_vjp
-def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    """softmax(q k^T / sqrt(head_dim)) v on (batch, heads, tokens, head_dim) arrays, softmax in float32.
-
-    The hand-written backward keeps the probabilities from the forward and takes the softmax's row term
-    from the small output (sum(dO * O) instead of sum(dP * P) over tokens x tokens): ~10% faster decoder
-    blocks on CPU than XLA's own differentiation of `jax.nn.dot_product_attention`. The scale multiplies q
-    (as timm's attention does), not the tokens x tokens logits: XLA:CPU hands a scalar times the logits
-    to YNNPACK as a materialized tokens x tokens operand, which made the decoder's attention ~30% slower.
-    """
-    return _attention_forward(q, k, v)[0]
-
-
-def _attention_forward(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, tuple]:
-    q = q * q.shape[-1] ** -0.5
-    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bhqk,bhkd->bhqd", probs, v)
-    return out, (q, k, v, probs, out)
-
-
-def _attention_backward(residuals: tuple, d_out: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    scaled_q, k, v, probs, out = residuals
-    d_probs = jnp.einsum("bhqd,bhkd->bhqk", d_out, v, preferred_element_type=jnp.float32)
-    rows = jnp.sum(d_out.astype(jnp.float32) * out, axis=-1, keepdims=True)
-    d_logits = (probs * (d_probs - rows)).astype(k.dtype)
-    d_q = jnp.einsum("bhqk,bhkd->bhqd", d_logits, k * k.shape[-1] ** -0.5)
-    d_k = jnp.einsum("bhqk,bhqd->bhkd", d_logits, scaled_q)
-    d_v = jnp.einsum("bhqk,bhqd->bhkd", probs, d_out)
-    return d_q, d_k, d_v
-
-
-softmax_attention.defvjp(_attention_forward, _attention_backward)
-
-
-@jax.custom_vjp
-def gelu(x: jax.Array) -> jax.Array:
-    """Exact GELU, x * Phi(x), written with erf as torch.nn.GELU computes it.
-
-    `jax.nn.gelu(approximate=False)` uses erfc, whose piecewise lowering made the MLP's forward and backward
-    ~40% slower on CPU; the two agree within 1e-6. The backward keeps only the input: autodiff kept four
-    MLP-hidden-size arrays per block for it (0.5 x, 1 + erf, the exp term and the output).
-    """
-    return 0.5 * x * (1 + jax.lax.erf(x * 2**-0.5))
-
-
-def _gelu_forward(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    return gelu(x), x
-
-
-def _gelu_backward(x: jax.Array, d_out: jax.Array) -> tuple[jax.Array]:
-    """d/dx x Phi(x) = Phi(x) + x phi(x), in float32."""
-    x32 = x.astype(jnp.float32)
-    cdf = 0.5 * (1 + jax.lax.erf(x32 * 2**-0.5))
-    pdf = jnp.exp(-0.5 * x32 * x32) * (2 * np.pi) ** -0.5
-    return ((d_out.astype(jnp.float32) * (cdf + x32 * pdf)).astype(x.dtype),)
-
-
-gelu.defvjp(_gelu_forward, _gelu_backward)
 
 
 class Mlp(nnx.Module):
@@ -409,7 +276,7 @@ class Mlp(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         tokens = x.reshape(-1, x.shape[-1])  # see `Attention`: linears on (tokens, width)
-        return self.fc2(split_batch(gelu(self.fc1(tokens)))).reshape(x.shape)
+        return self.fc2(split_batch(ops.gelu(self.fc1(tokens)))).reshape(x.shape)
 
 
 class Block(nnx.Module):
