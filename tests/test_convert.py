@@ -20,9 +20,9 @@ from mae_jax.convert import __main__ as cli
 from mae_jax.models.mae import MAE, MAEConfig
 from mae_jax.models.vit import patchify
 from mae_jax.pretrained import PretrainedError
-from tests.conftest import REPO
+from tests.conftest import REPO, TINY
 
-CONFIG = MAEConfig.from_variant("mu/8", 32, decoder_width=32, decoder_depth=1, decoder_heads=2)
+CONFIG = TINY
 
 
 def _block_keys(prefix: str) -> list[str]:

@@ -22,8 +22,7 @@ from mae_jax.evaluators.knn import KnnEvaluator
 from mae_jax.evaluators.reconstruction import ReconstructionEvaluator
 from mae_jax.models.classifier import Classifier, ClassifierConfig
 from mae_jax.models.mae import MAE
-from mae_jax.models.vit import EncoderConfig
-from tests.conftest import tiny_train_config, with_overrides
+from tests.conftest import TINY, tiny_downstream_config, tiny_train_config, with_overrides
 from tests.test_cli_errors import assert_one_line_error, run_module
 from tests.test_input_pipeline import write_fashion_mnist
 
@@ -83,17 +82,13 @@ def write_noise_folder(root: pathlib.Path, num_classes: int, per_class: int, rng
 
 
 def classification_config(data_dir: pathlib.Path, num_classes: int) -> ml_collections.ConfigDict:
-    overrides = {
-        "dataset.source": "folder", "dataset.data_dir": str(data_dir), "num_classes": num_classes, "image_size": 32,
-        "model.variant": "mu/8", "evals.classification.split": "val", "evals.classification.batch_size": 8,
-        "input.num_threads": 2,
-    }  # fmt: skip
-    return with_overrides(configuration.downstream_config("finetune"), overrides)
+    overrides = {"dataset.source": "folder", "dataset.data_dir": str(data_dir), "evals.classification.split": "val"}
+    return tiny_downstream_config("finetune", num_classes=num_classes, **overrides)
 
 
 def classifier_with_spread_logits(num_classes: int) -> Classifier:
     """A random classifier whose head is scaled up from its 2e-5 init, so its classes are far from ties."""
-    model = Classifier(ClassifierConfig(EncoderConfig.from_variant("mu/8", 32), num_classes), rngs=nnx.Rngs(0))
+    model = Classifier(ClassifierConfig(TINY.encoder, num_classes), rngs=nnx.Rngs(0))
     model.head.kernel[...] = jax.random.normal(jax.random.key(1), model.head.kernel.shape)
     return model
 

@@ -18,23 +18,9 @@ from mae_jax import checkpointing, configuration, convert, finetune
 from mae_jax.models.classifier import FINETUNE, LINPROBE, Classifier, ClassifierConfig
 from mae_jax.models.mae import MAE
 from mae_jax.models.vit import resize_position_table, sincos_2d
-from tests.conftest import TINY, with_overrides
+from tests.conftest import TINY, tiny_downstream_config
 
 ENCODER = TINY.encoder  # mu/8 at 32 px, as the tiny MAE of conftest
-
-
-def tiny_downstream_config(task: str, **overrides):
-    """A 2-step run on mocked ImageNet (tfds.testing.mock_data), the classifier of `TINY`'s encoder."""
-    config = configuration.downstream_config(task)
-    config.dataset.name = "imagenet2012"
-    config.image_size = ENCODER.image_size
-    config.model.variant = f"mu/{ENCODER.patch_size}"
-    config.batch_size = 8
-    config.evals.classification.batch_size = 8
-    config.total_steps = 2
-    config.warmup_steps = 1
-    config.input.num_threads = 2
-    return with_overrides(config, overrides)
 
 
 @pytest.fixture(scope="module")

@@ -95,16 +95,13 @@ def worker(process_id: int | None, port: int, out: pathlib.Path) -> None:
 
 def finetune_config(data_dir: pathlib.Path) -> ConfigDict:
     """A 2-step fine-tuning on the folder's 2 classes; mesh.fsdp=4 splits its kernels over both processes."""
-    from mae_jax import configuration
-    from tests.conftest import with_overrides
+    from tests.conftest import tiny_downstream_config
 
     overrides = {
         "dataset.source": "folder", "dataset.data_dir": str(data_dir), "evals.classification.split": "train",
-        "num_classes": 2, "image_size": 32, "model.variant": "mu/8", "batch_size": 8,
-        "evals.classification.batch_size": 8,
-        "total_steps": 2, "warmup_steps": 1, "input.num_threads": 2, "mesh.fsdp": 4, "mesh.data": 1,
+        "num_classes": 2, "mesh.fsdp": 4, "mesh.data": 1,
     }  # fmt: skip
-    return with_overrides(configuration.downstream_config("finetune"), overrides)
+    return tiny_downstream_config("finetune", **overrides)
 
 
 def logged_metrics(log: str) -> dict[int, dict[str, float]]:

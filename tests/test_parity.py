@@ -20,10 +20,11 @@ from flax import nnx
 
 from mae_jax import convert
 from mae_jax.models.mae import MAE, MAEConfig
+from tests.conftest import TINY
 
 TOLERANCE = 1e-5
 SIZES = {
-    "tiny": (MAEConfig.from_variant("mu/8", 32, decoder_width=32, decoder_depth=1, decoder_heads=2), 4),
+    "tiny": (TINY, 4),
     "B/16": (MAEConfig.from_variant("B/16", 224), 2),  # the official 512 x 8 decoder with 16 heads
 }
 

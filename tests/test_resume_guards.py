@@ -22,7 +22,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from mae_jax import checkpointing, configuration, finetune, input_pipeline, loop, optim, train
-from tests.conftest import tiny_train_config, with_overrides
+from tests.conftest import tiny_downstream_config, tiny_train_config, with_overrides
 
 STEPS = 4
 
@@ -130,10 +130,7 @@ def test_downstream_run_resumes_with_skip_nonfinite_steps_switched(
     tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, task: str
 ):
     def config(skip: int):  # a 2-step run from random init on mocked ImageNet
-        overrides = {"dataset.name": "imagenet2012", "image_size": 32, "model.variant": "mu/8", "batch_size": 8,
-                     "evals.classification.batch_size": 8, "total_steps": 2, "warmup_steps": 1, "input.num_threads": 2,
-                     "skip_nonfinite_steps": skip}  # fmt: skip
-        return with_overrides(configuration.downstream_config(task), overrides)
+        return tiny_downstream_config(task, skip_nonfinite_steps=skip)
 
     with tfds.testing.mock_data(num_examples=16):
         with monkeypatch.context() as patch, pytest.raises(loop.Preempted, match="at step 1:"):

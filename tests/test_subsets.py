@@ -10,9 +10,9 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from mae_jax import configuration, finetune, input_pipeline
+from mae_jax import finetune, input_pipeline
 from mae_jax.configuration import ConfigError
-from tests.conftest import tiny_train_config, with_overrides
+from tests.conftest import tiny_downstream_config, tiny_train_config, with_overrides
 from tests.test_input_pipeline import write_fashion_mnist, write_idx
 
 
@@ -73,22 +73,10 @@ def test_sample_subset_without_cheap_labels_is_uniform_and_seeded():
 # Labels outside [0, num_classes)
 # ---------------------------------------------------------------------------------------------------
 def folder_finetune_config(data_dir: pathlib.Path, num_classes: int):
-    config = configuration.downstream_config("finetune")
-    return with_overrides(
-        config,
-        {
-            "dataset.source": "folder",
-            "dataset.data_dir": str(data_dir),
-            "evals.classification.split": "train",
-            "num_classes": num_classes,
-            "image_size": 32,
-            "model.variant": "mu/8",
-            "batch_size": 8,
-            "evals.classification.batch_size": 8,
-            "total_steps": 2,
-            "warmup_steps": 1,
-            "input.num_threads": 2,
-        },
+    return tiny_downstream_config(
+        "finetune",
+        num_classes=num_classes,
+        **{"dataset.source": "folder", "dataset.data_dir": str(data_dir), "evals.classification.split": "train"},
     )
 
 
