@@ -27,7 +27,6 @@ from jax.experimental import multihost_utils
 
 from mae_jax import (
     augment,
-    checkpointing,
     configuration,
     convert,
     evaluators,
@@ -213,19 +212,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # Set-up: everything that can fail on bad input fails here, before compiling.
     # ------------------------------------------------------------------------------------------------
     configuration.validate(config)
-    workdir = epath.Path(workdir)
-    checkpointing.check_writable(workdir)
-    manager = checkpointing.make_manager(workdir, config.keep_checkpoints)
-    checkpointing.check_same_model(manager, config.to_dict())
+    workdir, manager = loop.open_workdir(config, workdir)
     source = input_pipeline.make_source(config.dataset)
     if config.dataset.num_train > 0:
         source = input_pipeline.sample_subset(source, config.dataset.num_train, config.seed)
     input_pipeline.check_labels(source, config.num_classes)
-    total_steps, warmup_steps = loop.schedule_steps(config, len(source))
-    record = checkpointing.run_record(
-        config, num_examples=len(source), total_steps=total_steps, warmup_steps=warmup_steps
-    )
-    checkpointing.check_same_run(manager, record)
+    total_steps, warmup_steps, record = loop.plan_run(config, manager, len(source))
     mesh = sharding.make_mesh(config.mesh)
     evals = evaluators.make_evaluators(config, mesh, source)  # opens the eval split and checks its labels
     assembly = assemble(config, mesh, total_steps, warmup_steps)  # reads and checks the pretrained encoder
@@ -259,13 +251,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         start_step=start_step, total_steps=total_steps, workdir=workdir, flops_per_step=assembly.flops_per_step,
         run_record=record, evaluators=evals, model_of=assembly.model,
     )  # fmt: skip
-    with books:
-        for step in range(start_step + 1, total_steps + 1):
-            batch = next(batches)
-            state, metrics = assembly.train_step(state, batch["image"], batch["label"])
-            books.record(step, state, metrics)
-            books.evaluate(step, state)
-            books.save(step, state)
+    state = loop.train(books, assembly, state, batches)
 
     # ------------------------------------------------------------------------------------------------
     # Final: the last evaluation, and the classifier in the official layout.

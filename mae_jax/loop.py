@@ -62,6 +62,29 @@ def schedule_steps(config: ml_collections.ConfigDict, num_examples: int) -> tupl
     return total, warmup
 
 
+def open_workdir(config: ml_collections.ConfigDict, workdir: str) -> tuple[epath.Path, ocp.CheckpointManager]:
+    """The workdir, checked writable now (not at the first save hours later), and its checkpoint manager;
+    a workdir holding a checkpoint of another model is refused (`checkpointing.check_same_model`)."""
+    workdir = epath.Path(workdir)
+    checkpointing.check_writable(workdir)
+    manager = checkpointing.make_manager(workdir, config.keep_checkpoints)
+    checkpointing.check_same_model(manager, config.to_dict())
+    return workdir, manager
+
+
+def plan_run(
+    config: ml_collections.ConfigDict, manager: ocp.CheckpointManager, num_examples: int
+) -> tuple[int, int, dict]:
+    """(total_steps, warmup_steps, run record) of a run on `num_examples` training examples; resuming a
+    checkpoint of another recipe is refused (`checkpointing.check_same_run`)."""
+    total_steps, warmup_steps = schedule_steps(config, num_examples)
+    record = checkpointing.run_record(
+        config, num_examples=num_examples, total_steps=total_steps, warmup_steps=warmup_steps
+    )
+    checkpointing.check_same_run(manager, record)
+    return total_steps, warmup_steps, record
+
+
 # ---------------------------------------------------------------------------------------------------
 # A task's step, assembled
 # ---------------------------------------------------------------------------------------------------
@@ -149,6 +172,20 @@ def restore_or_init(manager: ocp.CheckpointManager, assembly: Assembly) -> Train
         logging.info("Initialized %s", assembly.model_config)
     else:
         logging.info("Restored step %d from %s", int(state.step), manager.directory)
+    return state
+
+
+def train(
+    books: Bookkeeper, assembly: Assembly, state: TrainState, batches: Iterator[dict[str, jax.Array]]
+) -> TrainState:
+    """Steps `books.start_step + 1` to `books.total_steps` on `batches`, with the bookkeeping around each."""
+    with books:
+        for step in range(books.start_step + 1, books.total_steps + 1):
+            batch = next(batches)
+            state, metrics = assembly.train_step(state, *(batch[key] for key in assembly.batch_keys))
+            books.record(step, state, metrics)
+            books.evaluate(step, state)
+            books.save(step, state)
     return state
 
 

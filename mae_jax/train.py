@@ -11,7 +11,6 @@ import ml_collections
 import optax
 from absl import logging
 from clu import metric_writers
-from etils import epath
 from flax import nnx
 
 from mae_jax import checkpointing, configuration, evaluators, flops, input_pipeline, loop, optim, sharding
@@ -118,16 +117,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     # Set-up: everything that can fail on bad input fails here, before compiling.
     # ------------------------------------------------------------------------------------------------
     configuration.validate(config)
-    workdir = epath.Path(workdir)
-    checkpointing.check_writable(workdir)
-    manager = checkpointing.make_manager(workdir, config.keep_checkpoints)
-    checkpointing.check_same_model(manager, config.to_dict())
+    workdir, manager = loop.open_workdir(config, workdir)
     source = input_pipeline.make_source(config.dataset)
-    total_steps, warmup_steps = loop.schedule_steps(config, len(source))
-    record = checkpointing.run_record(
-        config, num_examples=len(source), total_steps=total_steps, warmup_steps=warmup_steps
-    )
-    checkpointing.check_same_run(manager, record)
+    total_steps, warmup_steps, record = loop.plan_run(config, manager, len(source))
     mesh = sharding.make_mesh(config.mesh)
     evals = evaluators.make_evaluators(config, mesh, source)  # opens their splits: the kNN's labeled ones
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
@@ -154,13 +146,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         start_step=start_step, total_steps=total_steps, workdir=workdir, flops_per_step=assembly.flops_per_step,
         run_record=record, evaluators=evals, model_of=assembly.model,
     )  # fmt: skip
-    with books:
-        for step in range(start_step + 1, total_steps + 1):
-            batch = next(batches)
-            state, metrics = assembly.train_step(state, batch["image"])
-            books.record(step, state, metrics)
-            books.evaluate(step, state)
-            books.save(step, state)
+    state = loop.train(books, assembly, state, batches)
 
     # ------------------------------------------------------------------------------------------------
     # Final: the last evaluations (reconstruction grid), the encoder export.
@@ -171,5 +157,4 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         checkpointing.export_encoder(workdir / ENCODER_DIR, assembly.model_config, state.params, state.fixed,
                                      step=final_step)  # fmt: skip
         logging.info("Exported the encoder of step %d to %s", final_step, workdir / ENCODER_DIR)
-    writer.flush()
     return state
