@@ -212,15 +212,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # Set-up: everything that can fail on bad input fails here, before compiling.
     # ------------------------------------------------------------------------------------------------
     configuration.validate(config)
-    workdir, manager = loop.open_workdir(config, workdir)
     source = input_pipeline.make_source(config.dataset)
     if config.dataset.num_train > 0:
         source = input_pipeline.sample_subset(source, config.dataset.num_train, config.seed)
     input_pipeline.check_labels(source, config.num_classes)
-    total_steps, warmup_steps, record = loop.plan_run(config, manager, len(source))
+    total_steps, warmup_steps = loop.schedule_steps(config, len(source))
     mesh = sharding.make_mesh(config.mesh)
     evals = evaluators.make_evaluators(config, mesh, source)  # opens the eval split and checks its labels
     assembly = assemble(config, mesh, total_steps, warmup_steps)  # reads and checks the pretrained encoder
+    workdir, manager, record = loop.open_workdir(
+        config, workdir, num_examples=len(source), total_steps=total_steps, warmup_steps=warmup_steps
+    )
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
     logging.info("Config:\n%s", config)
     logging.info("%s from %s; %d training examples; %d steps (%d warmup) of batch %d", config.task,

@@ -62,27 +62,25 @@ def schedule_steps(config: ml_collections.ConfigDict, num_examples: int) -> tupl
     return total, warmup
 
 
-def open_workdir(config: ml_collections.ConfigDict, workdir: str) -> tuple[epath.Path, ocp.CheckpointManager]:
-    """The workdir, checked writable now (not at the first save hours later), and its checkpoint manager;
-    a workdir holding a checkpoint of another model is refused (`checkpointing.check_same_model`)."""
+def open_workdir(
+    config: ml_collections.ConfigDict, workdir: str, *, num_examples: int, total_steps: int, warmup_steps: int
+) -> tuple[epath.Path, ocp.CheckpointManager, dict]:
+    """The workdir, checked writable now (not at the first save hours later), its checkpoint manager, and the
+    run's record (`checkpointing.run_record`) of a run on `num_examples` training examples.
+
+    A checkpoint there of another model or recipe is refused (`checkpointing.check_same_model`,
+    `check_same_run`). Open it last in the set-up: what else can fail on bad input then fails before the
+    workdir is touched.
+    """
     workdir = epath.Path(workdir)
     checkpointing.check_writable(workdir)
     manager = checkpointing.make_manager(workdir, config.keep_checkpoints)
     checkpointing.check_same_model(manager, config.to_dict())
-    return workdir, manager
-
-
-def plan_run(
-    config: ml_collections.ConfigDict, manager: ocp.CheckpointManager, num_examples: int
-) -> tuple[int, int, dict]:
-    """(total_steps, warmup_steps, run record) of a run on `num_examples` training examples; resuming a
-    checkpoint of another recipe is refused (`checkpointing.check_same_run`)."""
-    total_steps, warmup_steps = schedule_steps(config, num_examples)
     record = checkpointing.run_record(
         config, num_examples=num_examples, total_steps=total_steps, warmup_steps=warmup_steps
     )
     checkpointing.check_same_run(manager, record)
-    return total_steps, warmup_steps, record
+    return workdir, manager, record
 
 
 # ---------------------------------------------------------------------------------------------------

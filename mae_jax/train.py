@@ -117,11 +117,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     # Set-up: everything that can fail on bad input fails here, before compiling.
     # ------------------------------------------------------------------------------------------------
     configuration.validate(config)
-    workdir, manager = loop.open_workdir(config, workdir)
     source = input_pipeline.make_source(config.dataset)
-    total_steps, warmup_steps, record = loop.plan_run(config, manager, len(source))
+    total_steps, warmup_steps = loop.schedule_steps(config, len(source))
     mesh = sharding.make_mesh(config.mesh)
     evals = evaluators.make_evaluators(config, mesh, source)  # opens their splits: the kNN's labeled ones
+    assembly = assemble(config, mesh, total_steps, warmup_steps)
+    workdir, manager, record = loop.open_workdir(
+        config, workdir, num_examples=len(source), total_steps=total_steps, warmup_steps=warmup_steps
+    )
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
     logging.info("Config:\n%s", config)
     logging.info("Data: %d examples; %d steps (%d warmup) of batch %d", len(source), total_steps, warmup_steps,
@@ -130,7 +133,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     # ------------------------------------------------------------------------------------------------
     # Initialize, or restore the newest checkpoint in the workdir.
     # ------------------------------------------------------------------------------------------------
-    assembly = assemble(config, mesh, total_steps, warmup_steps)
     state = loop.restore_or_init(manager, assembly)
     start_step = int(state.step)
 
