@@ -20,7 +20,6 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from clu import metric_writers
 from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
@@ -36,13 +35,12 @@ from mae_jax import (
     optim,
     pretrained,
     sharding,
+    summaries,
 )
+from mae_jax.convert.official import CLASSIFIER_FILE, CLASSIFIER_PTH_FILE
 from mae_jax.loop import TrainState
 from mae_jax.models.classifier import FINETUNE, Classifier, ClassifierConfig
 from mae_jax.models.vit import Compute, EncoderConfig, resize_position_table
-
-CLASSIFIER_FILE = "classifier.safetensors"  # the official (timm) state_dict; needs no PyTorch
-CLASSIFIER_PTH_FILE = "classifier.pth"  # the same as the official code saves it, when PyTorch is installed
 
 
 def classifier_config(config: ml_collections.ConfigDict) -> ClassifierConfig:
@@ -223,7 +221,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     workdir, manager, record = loop.open_workdir(
         config, workdir, num_examples=len(source), total_steps=total_steps, warmup_steps=warmup_steps
     )
-    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+    writer = summaries.Writer(workdir if jax.process_index() == 0 else None)  # process 0 writes events
     logging.info("Config:\n%s", config)
     logging.info("%s from %s; %d training examples; %d steps (%d warmup) of batch %d", config.task,
                  config.init or "random init", len(source), total_steps, warmup_steps, config.batch_size)  # fmt: skip

@@ -21,11 +21,10 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from absl import logging
-from clu import metric_writers
 from etils import epath
 from flax import nnx
 
-from mae_jax import checkpointing, flops, input_pipeline, sharding
+from mae_jax import checkpointing, flops, input_pipeline, sharding, summaries
 from mae_jax.evaluators import Evaluator
 from mae_jax.evaluators.reconstruction import save_png
 
@@ -234,7 +233,7 @@ class Bookkeeper:
         self,
         config: ml_collections.ConfigDict,
         manager: ocp.CheckpointManager,
-        writer: metric_writers.MetricWriter,
+        writer: summaries.Writer,
         skipped: input_pipeline.SkippedImages,
         *,
         start_step: int,

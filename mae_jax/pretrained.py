@@ -1,4 +1,5 @@
-"""Trained MAE weights from wherever they live: a parameter directory, a training workdir or an official file.
+"""Trained MAE weights from wherever they live: a parameter directory, a training workdir, an official file or a
+Hugging Face directory (transformers' ViTMAE or ViT).
 
 Visualization needs the decoder; fine-tuning and linear probing need the encoder only. Both read through
 `load`, which returns what the location holds: the whole MAE, or `{"encoder": ...}` alone.
@@ -31,8 +32,9 @@ class PretrainedError(ValueError):
 def load(path: str, norm_pix_loss: bool | None = None) -> tuple[MAEConfig, nnx.State]:
     """(config, state) of the MAE at `path`; the state has no "decoder" when the location holds none.
 
-    `norm_pix_loss` applies to official files (.pth, .safetensors) only, which cannot say how they were
-    trained; left out, it is False for `mae_visualize_*` files (trained on pixels) and True otherwise. The
+    `norm_pix_loss` applies to official files (.pth, .safetensors), which cannot say how they were trained
+    (left out, it is False for `mae_visualize_*` files, trained on pixels, and True otherwise), and to Hugging
+    Face directories (left out, their config.json's for ViTMAE, True for ViT). The
     config computes in float32 with XLA attention whatever the weights were trained with, so a checkpoint
     from any accelerator runs anywhere.
     """
@@ -43,10 +45,12 @@ def load(path: str, norm_pix_loss: bool | None = None) -> tuple[MAEConfig, nnx.S
         config, state = checkpointing.load_params(location)
     elif (location / "checkpoints").is_dir():
         config, state = _from_workdir(location)
+    elif convert.hf.is_model_dir(location):
+        config, state = _from_hf_dir(location, norm_pix_loss)
     else:
         raise PretrainedError(
             f"{path} is not a parameter directory (model.json + params/), a training workdir (checkpoints/), "
-            "an official .pth file or a .safetensors file in its layout"
+            "an official .pth file, a .safetensors file in its layout or a Hugging Face directory (config.json)"
         )
     return dataclasses.replace(config, compute=Compute()), state
 
@@ -63,6 +67,14 @@ def _from_official_file(path: epath.Path, norm_pix_loss: bool | None) -> tuple[M
         return config, convert.from_official(state_dict, config, fresh_decoder=False)
     except ValueError as error:
         raise PretrainedError(f"{path}: {error}") from error
+
+
+def _from_hf_dir(directory: epath.Path, norm_pix_loss: bool | None) -> tuple[MAEConfig, nnx.State]:
+    try:
+        config, state_dict = convert.hf.load_dir(directory, norm_pix_loss=norm_pix_loss)
+        return config, convert.from_official(state_dict, config, fresh_decoder=False)
+    except ValueError as error:  # ConvertError: a config mae_jax cannot compute exactly, missing weights, ...
+        raise PretrainedError(f"{directory}: {error}") from error
 
 
 def _from_workdir(workdir: epath.Path) -> tuple[MAEConfig, nnx.State]:

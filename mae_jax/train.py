@@ -10,10 +10,9 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 from absl import logging
-from clu import metric_writers
 from flax import nnx
 
-from mae_jax import checkpointing, configuration, evaluators, flops, input_pipeline, loop, optim, sharding
+from mae_jax import checkpointing, configuration, evaluators, flops, input_pipeline, loop, optim, sharding, summaries
 from mae_jax.loop import TrainState
 from mae_jax.models.mae import MAE, MAEConfig
 from mae_jax.models.vit import FixedEmbedding
@@ -125,7 +124,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     workdir, manager, record = loop.open_workdir(
         config, workdir, num_examples=len(source), total_steps=total_steps, warmup_steps=warmup_steps
     )
-    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+    writer = summaries.Writer(workdir if jax.process_index() == 0 else None)  # process 0 writes events
     logging.info("Config:\n%s", config)
     logging.info("Data: %d examples; %d steps (%d warmup) of batch %d", len(source), total_steps, warmup_steps,
                  config.batch_size)  # fmt: skip

@@ -45,7 +45,8 @@ def wait_for(condition, process: subprocess.Popen, timeout: float = 300) -> None
 
 
 def logged_steps(log: pathlib.Path) -> int:
-    return log.read_text().count("logging_writer.py:48]")
+    """Summaries logged so far: lines "[step] key=value, ..." (mae_jax/summaries.py)."""
+    return len(re.findall(r"\] \[\d+\] \w+=", log.read_text()))
 
 
 def saving_now(workdir: pathlib.Path) -> bool:

@@ -17,10 +17,13 @@ from flax import nnx
 
 from mae_jax import checkpointing, convert, pretrained
 from mae_jax.convert import __main__ as cli
+from mae_jax.convert.official import CLASSIFIER_FILE
+from mae_jax.models.classifier import LINPROBE, Classifier, ClassifierConfig
 from mae_jax.models.mae import MAE, MAEConfig
 from mae_jax.models.vit import patchify
 from mae_jax.pretrained import PretrainedError
 from tests.conftest import REPO, TINY
+from tests.test_classifier import perturbed_classifier
 
 CONFIG = TINY
 
@@ -263,7 +266,7 @@ def test_safetensors_round_trip_needs_no_torch(model, official, tmp_path, monkey
     convert.save_pth(tmp_path / "in.pth", official)
     cli.main(["import", str(tmp_path / "in.pth"), str(tmp_path / "params"), "--decoder-heads", "2"])
     monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now fails, as without PyTorch
-    cli.main(["export", str(tmp_path / "params"), str(tmp_path / "out.safetensors")])
+    cli.main(["export", str(tmp_path / "params"), str(tmp_path / "out.safetensors"), "--format=official"])
     exported = safetensors.numpy.load_file(tmp_path / "out.safetensors")
     assert sorted(exported) == sorted(official)
     for key, value in exported.items():
@@ -279,3 +282,86 @@ def test_safetensors_round_trip_needs_no_torch(model, official, tmp_path, monkey
         pretrained.load(str(tmp_path / "in.pth"))
     _, state = pretrained.load(str(tmp_path / "out.safetensors"))  # fine-tuning's init= takes it too
     assert_states_equal(state["encoder"], nnx.state(model)["encoder"])
+
+
+def test_classifier_file_imports_its_encoder(tmp_path, caplog):
+    """An official or timm classifier with the cls token (its encoder's final norm kept) imports as an encoder."""
+    probe = perturbed_classifier(ClassifierConfig(CONFIG.encoder, 10, protocol=LINPROBE), seed=2)
+    state_dict = convert.classifier_to_official(nnx.state(probe))
+    convert.save_safetensors(tmp_path / "probe.safetensors", state_dict)
+    with caplog.at_level("INFO"):
+        cli.main(["import", str(tmp_path / "probe.safetensors"), str(tmp_path / "params"), "--decoder-heads=2"])
+    assert "Leaving out the classifier head (head.0.running_mean, head.0.running_var, head.1.bias" in caplog.text
+    _, state = checkpointing.load_params(tmp_path / "params")
+    encoder = convert.to_official({"encoder": state["encoder"]}, encoder_only=True)
+    assert sorted(encoder) == sorted(ENCODER_KEYS)
+    for key, value in encoder.items():
+        np.testing.assert_array_equal(value, state_dict[key], err_msg=key)
+
+
+def _classifier_file(tmp_path, global_pool: bool) -> str:
+    model = Classifier(ClassifierConfig(CONFIG.encoder, 10, global_pool=global_pool), rngs=nnx.Rngs(0))
+    path = tmp_path / ("pooled" if global_pool else "token") / CLASSIFIER_FILE
+    path.parent.mkdir()
+    convert.save_safetensors(path, convert.classifier_to_official(nnx.state(model)))
+    return str(path)
+
+
+CLI_REFUSALS = {
+    "timm_suffix": (
+        ["export", "{params}", "{tmp}/out.pth", "--format=timm"],
+        r"--format=timm writes a \.safetensors file: name it \S+out\.pth\.safetensors",
+    ),
+    "hf_file_name": (
+        ["export", "{params}", "{tmp}/out.safetensors", "--format=hf"],
+        r"--format=hf writes a directory \(config.json \+ model.safetensors\), not \S+out.safetensors",
+    ),
+    "encoder_only_classifier": (
+        ["export", "{token}", "{tmp}/out.safetensors", "--encoder-only"],
+        r"--encoder-only applies to MAE parameter directories, not to classifiers",
+    ),
+    "mae_file_as_classifier": (
+        ["export", "{tmp}/mae.safetensors", "{tmp}/out.safetensors", "--format=timm"],
+        r"\S+mae.safetensors holds an MAE, not a classifier: import it first .*",
+    ),
+    "neither_directory": (
+        ["export", "{tmp}/empty", "{tmp}/out.safetensors"],
+        r"\S+empty is neither a parameter directory \(model.json \+ params/\) nor a fine-tuning workdir .*",
+    ),
+    "import_params_dir": (
+        ["import", "{params}", "{tmp}/again"],
+        r"\S+params is a mae_jax parameter directory already: export it, or use it as it is",
+    ),
+    "import_global_pool": (
+        ["import", "{pooled}", "{tmp}/again"],
+        r"a global-pool classifier \(fc_norm.\*, no norm.\*\) holds no complete MAE encoder: .*",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", CLI_REFUSALS)
+def test_cli_convert_refusals_are_one_line(model, official, tmp_path, case):
+    checkpointing.save_params(tmp_path / "params", CONFIG, nnx.state(model))
+    convert.save_safetensors(tmp_path / "mae.safetensors", official)
+    (tmp_path / "empty").mkdir()
+    paths = {
+        "params": tmp_path / "params",
+        "tmp": tmp_path,
+        "token": _classifier_file(tmp_path, global_pool=False),
+        "pooled": _classifier_file(tmp_path, global_pool=True),
+    }
+    argv, message = CLI_REFUSALS[case]
+    with pytest.raises(SystemExit) as error:
+        cli.main([arg.format(**paths) for arg in argv])
+    assert re.fullmatch(f"error: {message}", str(error.value)), error.value
+    assert not (tmp_path / "out.safetensors").exists() and not (tmp_path / "again").exists()
+
+
+def test_classifier_exports_to_official_files(tmp_path):
+    source = _classifier_file(tmp_path, global_pool=True)
+    cli.main(["export", source, str(tmp_path / "classifier.pth")])
+    exported = torch.load(tmp_path / "classifier.pth", map_location="cpu", weights_only=True)["model"]
+    expected = safetensors.numpy.load_file(source)
+    assert sorted(exported) == sorted(expected)
+    for key, value in exported.items():
+        np.testing.assert_array_equal(value.numpy(), expected[key], err_msg=key)

@@ -2,6 +2,8 @@
 
 `KEY_TABLE` is the single description of the layout: official module name, mae_jax module path, and the kind
 of module, which fixes the parameter names and the axis permutation. Both directions are derived from it.
+Fine-tuned classifiers (`classifier_to_official`, the official `models_vit.py` / `main_linprobe.py` layout) add
+a head to the encoder in one of three kinds (`classifier_kind`), which the other formats represent differently.
 `.pth` files need PyTorch (not a dependency); `.safetensors` files, in the same key layout, need only numpy.
 """
 
@@ -66,6 +68,11 @@ KEY_TABLE: tuple[tuple[str, str, str], ...] = (
 OFFICIAL_DECODER_HEADS = 16
 # Keys of fine-tuned classifiers, which are not MAE pretraining checkpoints.
 _CLASSIFIER_PREFIXES = ("head.", "fc_norm.")
+
+
+class ConvertError(ValueError):
+    """A conversion that cannot be done as asked (a file that cannot be read or written, a missing PyTorch or
+    transformers, a model that the other format cannot represent exactly); the message is one line saying why."""
 
 
 class _Rule(NamedTuple):
@@ -181,6 +188,64 @@ def classifier_to_official(state: nnx.State | Mapping) -> dict[str, np.ndarray]:
     out[f"{head}.weight"] = np.ascontiguousarray(_to_numpy(pure["head"]["kernel"]).T)
     out[f"{head}.bias"] = _to_numpy(pure["head"]["bias"])
     return out
+
+
+# Kinds of fine-tuned classifier in the official layout, by the keys their heads add to the encoder.
+GLOBAL_POOL, CLS_TOKEN, LINEAR_PROBE = "global_pool", "cls_token", "linear_probe"
+# `main_linprobe.py`'s head: BatchNorm1d(affine=False, eps=1e-6) on the cls token, then the linear layer.
+PROBE_BATCH_NORM_EPS = 1e-6
+
+
+def is_classifier(state_dict: Mapping[str, Any]) -> bool:
+    """Whether an official-layout state_dict is a fine-tuned classifier (it has a head) rather than an MAE."""
+    return any(key.startswith(_CLASSIFIER_PREFIXES) for key in state_dict)
+
+
+def classifier_kind(state_dict: Mapping[str, Any]) -> str:
+    """GLOBAL_POOL (fc_norm of the mean patch token, no final norm: `models_vit.py` fine-tuning), CLS_TOKEN (the
+    cls token after the final norm; fine-tuning with global_pool=False) or LINEAR_PROBE (`main_linprobe.py`)."""
+    if "fc_norm.weight" in state_dict and "head.weight" in state_dict and "norm.weight" not in state_dict:
+        return GLOBAL_POOL
+    if "norm.weight" in state_dict and "head.weight" in state_dict and "fc_norm.weight" not in state_dict:
+        return CLS_TOKEN
+    if {"norm.weight", "head.0.running_mean", "head.0.running_var", "head.1.weight"} <= set(state_dict):
+        return LINEAR_PROBE
+    raise ConvertError(
+        "not a classifier in the official layout: expected fc_norm.* + head.* (global pool), norm.* + head.* "
+        "(cls token) or norm.* + head.0.running_mean/var + head.1.* (linear probe)"
+    )
+
+
+def fold_probe_batch_norm(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A linear probe with its BatchNorm (running statistics, no affine) folded into one linear `head`.
+
+    BatchNorm then Linear is one affine map: W' = W / sqrt(var + eps) (column-wise), b' = b - W' @ mean. It is
+    computed in float64 and rounded once to float32, so the logits agree with the two-layer head up to float32
+    rounding; other heads are returned as they are.
+    """
+    if classifier_kind(state_dict) != LINEAR_PROBE:
+        return dict(state_dict)
+    mean = np.asarray(state_dict["head.0.running_mean"], np.float64)
+    inv_std = 1.0 / np.sqrt(np.asarray(state_dict["head.0.running_var"], np.float64) + PROBE_BATCH_NORM_EPS)
+    weight = np.asarray(state_dict["head.1.weight"], np.float64) * inv_std[None, :]
+    bias = np.asarray(state_dict["head.1.bias"], np.float64) - weight @ mean
+    out = {key: value for key, value in state_dict.items() if not key.startswith("head.")}
+    out["head.weight"] = weight.astype(np.float32)
+    out["head.bias"] = bias.astype(np.float32)
+    return out
+
+
+def encoder_of_classifier(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The MAE encoder keys of a classifier (its head left out, with a log line); a global-pool classifier has
+    no final norm (fc_norm replaced it), so its encoder is not an MAE encoder and is refused."""
+    if classifier_kind(state_dict) == GLOBAL_POOL:
+        raise ConvertError(
+            "a global-pool classifier (fc_norm.*, no norm.*) holds no complete MAE encoder: fine-tuning replaced "
+            "the encoder's final norm by fc_norm"
+        )
+    head = sorted(key for key in state_dict if key.startswith(_CLASSIFIER_PREFIXES))
+    logging.info("Leaving out the classifier head (%s): the encoder alone is imported", ", ".join(head))
+    return {key: value for key, value in state_dict.items() if key not in head}
 
 
 def _block_count(state_dict: Mapping[str, Any], prefix: str) -> int:
@@ -318,11 +383,10 @@ def _warn_on_unusual_position_tables(pure: dict, config: MAEConfig) -> None:
 # Files: official .pth (needs PyTorch) and .safetensors (numpy only), both in the official key layout
 # ---------------------------------------------------------------------------------------------------
 SAFETENSORS_SUFFIX = ".safetensors"
-
-
-class ConvertError(ValueError):
-    """A conversion that cannot be done as asked (a file that cannot be read or written, a missing PyTorch or
-    transformers); the message is one line saying why."""
+# What fine-tuning and linear probing write into their workdir: the official (timm) classifier state_dict as
+# safetensors (needs no PyTorch), and as the official code saves it when PyTorch is installed.
+CLASSIFIER_FILE = "classifier.safetensors"
+CLASSIFIER_PTH_FILE = "classifier.pth"
 
 
 def _import_torch() -> types.ModuleType:

@@ -1,0 +1,180 @@
+"""The install fits beside what an environment has: ranges in setup.cfg, the tested set locked in
+constraints.txt, no TensorFlow at run time, and TensorBoard events (written with tensorboardX) that
+TensorBoard's own reader reads back."""
+
+from __future__ import annotations
+
+import configparser
+import importlib.metadata
+import io
+import json
+import logging
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from packaging.requirements import Requirement
+from packaging.specifiers import Specifier
+from packaging.utils import canonicalize_name
+from PIL import Image
+from tensorboard import context
+from tensorboard.backend.event_processing import data_provider, plugin_event_multiplexer
+
+from mae_jax import summaries
+from tests.conftest import REPO, TINY_MAIN_FLAGS, run_main
+from tests.test_multihost import logged_metrics
+
+TESTED_EXTRAS = ("test",)  # what .ci/run installs besides install_requires
+
+
+def setup_cfg_requirements() -> dict[str, list[Requirement]]:
+    """install_requires and every extra of setup.cfg, as parsed requirements."""
+    options = configparser.ConfigParser()
+    options.read(REPO / "setup.cfg")
+
+    def parse(lines: str) -> list[Requirement]:
+        lines = (line.partition("#")[0].strip() for line in lines.splitlines())
+        return [Requirement(line) for line in lines if line]
+
+    groups = {"install_requires": parse(options["options"]["install_requires"])}
+    return groups | {f"[{name}]": parse(lines) for name, lines in options["options.extras_require"].items()}
+
+
+def locked_versions() -> dict[str, str]:
+    """Distribution -> version, from constraints.txt (every line `name==version`)."""
+    pins = {}
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[canonicalize_name(name)] = version.strip()
+    return pins
+
+
+def dependency_closure(requirements: list[Requirement]) -> set[str]:
+    """The installed distributions that `requirements` pull in, transitively (markers and extras evaluated)."""
+    found: set[str] = set()
+    pending = [(requirement, set(requirement.extras)) for requirement in requirements]
+    while pending:
+        requirement, extras = pending.pop()
+        name = canonicalize_name(requirement.name)
+        if name in found:
+            continue
+        found.add(name)
+        for line in importlib.metadata.requires(name) or []:
+            dependency = Requirement(line)
+            marker = dependency.marker
+            if marker is None or any(marker.evaluate({"extra": extra}) for extra in {"", *extras}):
+                pending.append((dependency, set(dependency.extras)))
+    return found
+
+
+def test_requirements_state_ranges_not_pins():
+    for group, requirements in setup_cfg_requirements().items():
+        for requirement in requirements:
+            operators = {spec.operator for spec in requirement.specifier}
+            assert not operators & {"==", "===", "~="}, f"{group}: {requirement} pins a version"
+            assert operators & {">=", ">"} and operators & {"<", "<="}, f"{group}: {requirement} lacks a bound"
+
+
+def test_the_installed_set_is_in_range_and_locked():
+    """Each direct requirement's installed version is in its range and is the locked one, and the lock covers
+    the whole tested install: every distribution it pulls in, at the version installed here."""
+    groups = setup_cfg_requirements()
+    pins = locked_versions()
+    tested = groups["install_requires"] + [r for extra in TESTED_EXTRAS for r in groups[f"[{extra}]"]]
+    for requirement in tested:
+        installed = importlib.metadata.version(requirement.name)
+        assert requirement.specifier.contains(installed, prereleases=True), f"{installed} outside {requirement}"
+    mismatched = {
+        name: (importlib.metadata.version(name), pins.get(name))
+        for name in sorted(dependency_closure(tested))
+        if name not in pins or not Specifier(f"=={pins[name]}").contains(importlib.metadata.version(name))
+    }  # `==2.13.0` matches the installed 2.13.0+cpu
+    assert not mismatched, f"installed vs constraints.txt: {mismatched}"
+
+
+# A finder placed first sees every attempt to import a module, also one inside a try/except.
+IMPORT_PROBE = """
+import importlib.abc, json, sys
+
+class Probe(importlib.abc.MetaPathFinder):
+    asked = set()
+
+    def find_spec(self, name, path=None, target=None):
+        Probe.asked.add(name.partition(".")[0])
+        return None
+
+sys.meta_path.insert(0, Probe())
+import mae_jax.main, mae_jax.visualize, mae_jax.convert
+print(json.dumps({"loaded": "tensorflow" in sys.modules, "asked": sorted(Probe.asked & {"tensorflow", "torch"})}))
+"""
+
+
+def test_the_commands_import_neither_tensorflow_nor_torch():
+    """`main`, `visualize` and `convert` load without TensorFlow; tensorboardX, which imports torch where it
+    is installed, is imported only by the process that writes events."""
+    result = subprocess.run([sys.executable, "-c", IMPORT_PROBE], cwd=REPO, capture_output=True, text=True,
+                            timeout=300, check=False)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout.splitlines()[-1]) == {"loaded": False, "asked": []}
+
+
+def read_events(logdir: pathlib.Path) -> tuple[data_provider.MultiplexerDataProvider, context.RequestContext]:
+    """TensorBoard's own reader, as its dashboards use it (old-style summaries migrated to the plugins')."""
+    multiplexer = plugin_event_multiplexer.EventMultiplexer()
+    multiplexer.AddRunsFromDirectory(str(logdir))
+    multiplexer.Reload()
+    return data_provider.MultiplexerDataProvider(multiplexer, str(logdir)), context.RequestContext()
+
+
+def test_a_runs_events_are_read_back_by_tensorboard(tmp_path: pathlib.Path):
+    result = run_main(tmp_path, *TINY_MAIN_FLAGS, "--config.total_steps=3", "--config.log_every_steps=2")
+    assert result.returncode == 0, result.stderr[-2000:]
+    logged = logged_metrics(result.stderr)
+    assert sorted(logged) == [2, 3]  # every 2 steps and the last
+
+    events, ctx = read_events(tmp_path)
+    scalars = events.read_scalars(ctx, experiment_id="", plugin_name="scalars", downsample=100)["."]
+    assert {"loss", "grad_norm", "lr", "images_per_sec"} <= scalars.keys()
+    for name in ("loss", "grad_norm"):
+        written = {datum.step: datum.value for datum in scalars[name]}
+        assert written == pytest.approx({step: metrics[name] for step, metrics in logged.items()}, rel=1e-5)
+
+    (image,) = events.read_blob_sequences(ctx, experiment_id="", plugin_name="images", downsample=10)["."][
+        "reconstruction"
+    ]  # at the last step: the grid saved as reconstruction.png
+    width, height, png = (events.read_blob(ctx, blob_key=blob.blob_key) for blob in image.values)
+    saved = np.asarray(Image.open(tmp_path / "reconstruction.png").convert("RGB"))
+    assert image.step == 3 and (int(height), int(width)) == saved.shape[:2]
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(png))), saved)
+
+
+def test_only_the_process_with_an_events_dir_writes_and_a_flush_writes_everything(
+    tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture
+):
+    caplog.set_level(logging.INFO)
+    grid = np.arange(2 * 3 * 5 * 3, dtype=np.uint8).reshape(2, 3, 5, 3)  # two 3 x 5 images: one 3 x 10 grid
+    logging_only = summaries.Writer(None)
+    logging_only.write_scalars(7, {"loss": 1 / 3, "skipped": 2})
+    logging_only.write_images(7, {"grid": grid})
+    logging_only.flush()
+    assert [record.getMessage() for record in caplog.records] == [
+        "[7] loss=0.333333, skipped=2",
+        "[7] Got images: {'grid': (2, 3, 5, 3)}.",
+    ]
+
+    writer = summaries.Writer(tmp_path)
+    writer.write_scalars(1, {"loss": 0.5})
+    writer.flush()  # written out: the next summary goes to a new file of its own, also within the same second
+    writer.write_scalars(2, {"loss": 0.25})
+    writer.write_images(2, {"grid": grid})
+    writer.flush()
+    assert len(list(tmp_path.glob("events.out.tfevents.*"))) == 2
+    events, ctx = read_events(tmp_path)
+    loss = events.read_scalars(ctx, experiment_id="", plugin_name="scalars", downsample=100)["."]["loss"]
+    assert {datum.step: datum.value for datum in loss} == {1: 0.5, 2: 0.25}
+    (image,) = events.read_blob_sequences(ctx, experiment_id="", plugin_name="images", downsample=10)["."]["grid"]
+    png = events.read_blob(ctx, blob_key=image.values[2].blob_key)
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(png))), np.concatenate(list(grid), axis=1))
