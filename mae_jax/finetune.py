@@ -221,7 +221,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     workdir, manager, record = loop.open_workdir(
         config, workdir, num_examples=len(source), total_steps=total_steps, warmup_steps=warmup_steps
     )
-    writer = summaries.Writer(workdir if jax.process_index() == 0 else None)  # process 0 writes events
     logging.info("Config:\n%s", config)
     logging.info("%s from %s; %d training examples; %d steps (%d warmup) of batch %d", config.task,
                  config.init or "random init", len(source), total_steps, warmup_steps, config.batch_size)  # fmt: skip
@@ -246,6 +245,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     )
     data_iterator = input_pipeline.label_checked(iter(dataset), config.num_classes)
     batches = input_pipeline.device_prefetch(data_iterator, assembly.batch_sharding, keys=assembly.batch_keys)
+    # Opened last: a run that stops before the loop leaves no event file open (see `Bookkeeper.__exit__`)
+    writer = summaries.Writer(workdir if jax.process_index() == 0 else None)  # process 0 writes events
     books = loop.Bookkeeper(
         config, manager, writer, skipped,
         start_step=start_step, total_steps=total_steps, workdir=workdir, flops_per_step=assembly.flops_per_step,

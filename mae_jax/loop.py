@@ -272,6 +272,7 @@ class Bookkeeper:
         self.preemption.close()
         self._stop_profile()
         self.manager.wait_until_finished()
+        self.writer.flush()  # closes the event file: left open, its writer's exit hook fails on Python 3.12
 
     def record(self, step: int, state: TrainState, metrics: dict[str, jax.Array]) -> None:
         """After step `step` is dispatched: timing, the guard and the summary, as due."""

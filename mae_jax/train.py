@@ -124,7 +124,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     workdir, manager, record = loop.open_workdir(
         config, workdir, num_examples=len(source), total_steps=total_steps, warmup_steps=warmup_steps
     )
-    writer = summaries.Writer(workdir if jax.process_index() == 0 else None)  # process 0 writes events
     logging.info("Config:\n%s", config)
     logging.info("Data: %d examples; %d steps (%d warmup) of batch %d", len(source), total_steps, warmup_steps,
                  config.batch_size)  # fmt: skip
@@ -142,6 +141,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     rows = input_pipeline.process_rows(assembly.batch_sharding, config.batch_size)
     dataset = input_pipeline.train_dataset(source, config, skipped, position=start_step * config.batch_size, rows=rows)
     batches = input_pipeline.device_prefetch(iter(dataset), assembly.batch_sharding, image_size=config.image_size)
+    # Opened last: a run that stops before the loop leaves no event file open (see `Bookkeeper.__exit__`)
+    writer = summaries.Writer(workdir if jax.process_index() == 0 else None)  # process 0 writes events
     books = loop.Bookkeeper(
         config, manager, writer, skipped,
         start_step=start_step, total_steps=total_steps, workdir=workdir, flops_per_step=assembly.flops_per_step,

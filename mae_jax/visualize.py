@@ -102,7 +102,11 @@ def _floats(text: str) -> list[float]:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m mae_jax.visualize", description=__doc__.splitlines()[0])
-    parser.add_argument("--params", required=True, help="parameter directory, training workdir or official .pth")
+    parser.add_argument(
+        "--params",
+        required=True,
+        help="parameter directory, training workdir, official .pth/.safetensors or Hugging Face directory",
+    )
     parser.add_argument("--images", type=lambda text: text.split(","), help="comma-separated; default: demo photos")
     parser.add_argument("--mask_ratio", type=_floats, default=[0.75], help="comma-separated, e.g. 0.75,0.9")
     parser.add_argument("--seed", type=int, default=0, help="masking noise")
