@@ -178,3 +178,19 @@ def test_only_the_process_with_an_events_dir_writes_and_a_flush_writes_everythin
     (image,) = events.read_blob_sequences(ctx, experiment_id="", plugin_name="images", downsample=10)["."]["grid"]
     png = events.read_blob(ctx, blob_key=image.values[2].blob_key)
     np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(png))), np.concatenate(list(grid), axis=1))
+
+
+def test_a_loop_ending_in_an_error_leaves_its_summaries_written(tmp_path: pathlib.Path):
+    """The `Bookkeeper` closes the event file however the loop ends: tensorboardX keeps summaries queued until
+    its file is closed, and closing it from its own exit hook fails on Python 3.12."""
+    from mae_jax import loop
+    from tests.test_train import FINITE_METRICS, bookkeeper
+
+    writer = summaries.Writer(tmp_path)
+    books = bookkeeper(tmp_path, writer, start_step=0, flops_per_step=1.0, log_every_steps=1)
+    with pytest.raises(loop.NonFiniteError, match="at step 2"), books:
+        books.record(1, np.zeros(()), FINITE_METRICS)
+        books.record(2, np.zeros(()), {**FINITE_METRICS, "loss": np.float32(np.nan)})
+    events, ctx = read_events(tmp_path)
+    loss = events.read_scalars(ctx, experiment_id="", plugin_name="scalars", downsample=100)["."]["loss"]
+    assert [(datum.step, datum.value) for datum in loss] == [(1, 1.0)]
