@@ -110,6 +110,7 @@ def load_encoder(directory: str | epath.Path) -> Encoder:
 MODEL_KEYS = (
     "task",
     "image_size",
+    "num_channels",
     "num_classes",
     "model.variant",
     "model.decoder_width",
@@ -185,7 +186,10 @@ RUN_KEYS = (
     "dataset.name",
     "dataset.split",
     "dataset.num_train",
+    "dataset.mean",
+    "dataset.std",
     "mask_ratio",
+    "model.masking",
     "model.mask_tokens_in_encoder",
     "model.norm_pix_loss",
     "model.drop_path",

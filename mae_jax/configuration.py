@@ -42,6 +42,10 @@ def base_config() -> ml_collections.ConfigDict:
     config.dataset.name = "imagenet2012"
     config.dataset.split = "train"
     config.dataset.data_dir = config_dict.placeholder(str)  # None with tfds: ~/tensorflow_datasets
+    # Per-channel pixel mean and std (of values in [0, 1]) that the model's inputs are normalized with, one
+    # per channel of `num_channels`: ImageNet's by default, as the official code
+    config.dataset.mean = (0.485, 0.456, 0.406)
+    config.dataset.std = (0.229, 0.224, 0.225)
 
     config.input = ml_collections.ConfigDict()
     config.input.num_threads = 16  # decoding/augmenting threads per host (per worker process with num_workers)
@@ -51,6 +55,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.input.resize_on_device = True
 
     config.image_size = 224
+    config.num_channels = 3  # image bands the model reads: 1 grayscale, 3 RGB, other counts multi-band (.npy)
     config.mask_ratio = 0.75
     config.model = ml_collections.ConfigDict()
     config.model.variant = "B/16"  # encoder NAME/PATCH, NAME in models.vit.VARIANTS
@@ -62,6 +67,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.model.attention = "xla"  # "xla" or "cudnn" (NVIDIA GPUs, bfloat16): jax.nn.dot_product_attention
     config.model.remat = False  # recompute block activations in the backward pass: less memory, more time
     config.model.mask_tokens_in_encoder = False  # the paper's slower baseline (Table 2): encoder sees all tokens
+    # Which patches are removed (models/mae.py MASKINGS): "random" (the paper's), "block" (BEiT-style blocks,
+    # the paper's Fig. 6 middle) or "grid" (keep one patch of every 2 x 2, Fig. 6 right; mask_ratio 0.75)
+    config.model.masking = "random"
 
     config.batch_size = 4096  # global, over all hosts
     config.grad_accum_steps = 1  # > 1: the batch runs as that many micro-batches, one optimizer step
@@ -118,7 +126,8 @@ def downstream_config(task: str) -> ml_collections.ConfigDict:
     finetune = task == "finetune"
     config = base_config()
     del config.mask_ratio
-    for key in ("decoder_width", "decoder_depth", "decoder_heads", "norm_pix_loss", "mask_tokens_in_encoder"):
+    pretraining_only = ("decoder_width", "decoder_depth", "decoder_heads", "norm_pix_loss", "mask_tokens_in_encoder")
+    for key in (*pretraining_only, "masking"):
         del config.model[key]
     config.task = task
     # > 0: train on that many examples only (few-label experiments), drawn with `seed`: stratified by class
@@ -161,12 +170,14 @@ def model_config(config: ml_collections.ConfigDict) -> MAEConfig:
     return MAEConfig.from_variant(
         m.variant,
         config.image_size,
+        config.num_channels,
         decoder_width=m.decoder_width,
         decoder_depth=m.decoder_depth,
         decoder_heads=m.decoder_heads,
         norm_pix_loss=m.norm_pix_loss,
         compute=Compute(m.dtype, m.attention, m.remat),
         mask_tokens_in_encoder=m.mask_tokens_in_encoder,
+        masking=m.masking,
     )
 
 

@@ -46,7 +46,7 @@ from mae_jax.models.vit import Compute, EncoderConfig, resize_position_table
 def classifier_config(config: ml_collections.ConfigDict) -> ClassifierConfig:
     m = config.model
     return ClassifierConfig(
-        EncoderConfig.from_variant(m.variant, config.image_size),
+        EncoderConfig.from_variant(m.variant, config.image_size, config.num_channels),
         config.num_classes,
         protocol=config.task,
         global_pool=m.global_pool,

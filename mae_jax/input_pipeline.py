@@ -21,7 +21,7 @@ import io
 import math
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import grain
 import jax
@@ -541,14 +541,29 @@ def eval_transform(image: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(pil.crop((left, top, left + size, top + size)))
 
 
-def normalize(images: jax.Array | np.ndarray) -> jax.Array:
-    """uint8 images -> ImageNet mean/std normalized float32; runs on the accelerator inside the jitted step."""
-    return (jnp.asarray(images, jnp.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+class PixelStats(NamedTuple):
+    """Per-channel mean and std of pixel values in [0, 1], which the model's inputs are normalized with."""
+
+    mean: np.ndarray  # (C,) float32
+    std: np.ndarray  # (C,) float32
 
 
-def denormalize(images: np.ndarray) -> np.ndarray:
+IMAGENET_STATS = PixelStats(IMAGENET_MEAN, IMAGENET_STD)
+
+
+def pixel_stats(dataset: ml_collections.ConfigDict) -> PixelStats:
+    """`dataset.mean` and `dataset.std` of a run config as arrays."""
+    return PixelStats(np.asarray(dataset.mean, np.float32), np.asarray(dataset.std, np.float32))
+
+
+def normalize(images: jax.Array | np.ndarray, stats: PixelStats = IMAGENET_STATS) -> jax.Array:
+    """uint8 images -> mean/std normalized float32; runs on the accelerator inside the jitted step."""
+    return (jnp.asarray(images, jnp.float32) / 255.0 - stats.mean) / stats.std
+
+
+def denormalize(images: np.ndarray, stats: PixelStats = IMAGENET_STATS) -> np.ndarray:
     """Normalized images back to [0, 1] for display."""
-    return np.clip(images * IMAGENET_STD + IMAGENET_MEAN, 0.0, 1.0)
+    return np.clip(images * stats.std + stats.mean, 0.0, 1.0)
 
 
 # ---------------------------------------------------------------------------------------------------

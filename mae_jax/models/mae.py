@@ -39,10 +39,11 @@ class MAEConfig:
     # The paper's Table 2 baseline "encoder w/ [M]": the encoder sees every token, the removed ones replaced
     # by a learned mask token (an extra parameter); the decoder then unshuffles nothing.
     mask_tokens_in_encoder: bool = False
+    masking: str = "random"  # how the noise that picks the removed patches is drawn: a key of MASKINGS
 
     @classmethod
-    def from_variant(cls, variant: str, image_size: int = 224, **decoder_and_loss) -> MAEConfig:
-        return cls(EncoderConfig.from_variant(variant, image_size), **decoder_and_loss)
+    def from_variant(cls, variant: str, image_size: int = 224, num_channels: int = 3, **decoder_and_loss) -> MAEConfig:
+        return cls(EncoderConfig.from_variant(variant, image_size, num_channels), **decoder_and_loss)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -55,7 +56,7 @@ class MAEConfig:
 
 class MAEOutput(NamedTuple):
     loss: jax.Array  # scalar
-    pred: jax.Array  # (N, L, p*p*3) predicted patches, in image order
+    pred: jax.Array  # (N, L, p*p*C) predicted patches, in image order
     mask: jax.Array  # (N, L) 1 = removed, 0 = kept, in image order
     latent: jax.Array  # (N, 1 + len_keep, D) encoder output on cls + visible tokens
 
@@ -84,7 +85,7 @@ def random_masking(noise: jax.Array, mask_ratio: float) -> Masking:
 
 
 def reconstruction_loss(target: jax.Array, pred: jax.Array, mask: jax.Array, norm_pix: bool) -> jax.Array:
-    """Per-patch MSE against the (N, L, p*p*3) pixel patches, averaged over removed patches of the whole
+    """Per-patch MSE against the (N, L, p*p*C) pixel patches, averaged over removed patches of the whole
     batch; norm-pix uses unbiased variance."""
     if norm_pix:
         mean = target.mean(axis=-1, keepdims=True)
@@ -111,7 +112,7 @@ class Decoder(nnx.Module):
             ]
         )
         self.norm = layer_norm(width, rngs, dtype)
-        self.pred = linear(width, enc.patch_size**2 * 3, rngs, dtype)
+        self.pred = linear(width, enc.patch_dim, rngs, dtype)
 
     def __call__(self, latent: jax.Array, ids_restore: jax.Array | None) -> jax.Array:
         """`ids_restore=None`: the latent already holds every token in image order (the baseline)."""

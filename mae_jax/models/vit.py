@@ -74,14 +74,20 @@ class EncoderConfig:
     depth: int = 12
     num_heads: int = 12
     mlp_ratio: int = 4
+    num_channels: int = 3  # image bands: 1 for grayscale, 3 for RGB, any other for multi-band data
 
     @classmethod
-    def from_variant(cls, variant: str, image_size: int = 224) -> EncoderConfig:
+    def from_variant(cls, variant: str, image_size: int = 224, num_channels: int = 3) -> EncoderConfig:
         name, _, patch = variant.partition("/")
         if name not in VARIANTS or not patch.isdigit():
             raise ValueError(f"unknown ViT variant {variant!r}: use NAME/PATCH with NAME in {sorted(VARIANTS)}")
         width, depth, heads = VARIANTS[name]
-        return cls(image_size, int(patch), width, depth, heads)
+        return cls(image_size, int(patch), width, depth, heads, num_channels=num_channels)
+
+    @property
+    def patch_dim(self) -> int:
+        """Pixel values per patch: p * p * channels."""
+        return self.patch_size**2 * self.num_channels
 
     @property
     def grid_size(self) -> int:
@@ -203,12 +209,12 @@ def run_blocks(blocks: nnx.List, x: jax.Array, remat: bool, rngs: nnx.Rngs | Non
 
 
 def patchify(images: jax.Array, patch_size: int) -> jax.Array:
-    """NHWC images -> (N, L, p*p*3), each patch ordered row-in-patch, column-in-patch, channel."""
+    """NHWC images -> (N, L, p*p*C), each patch ordered row-in-patch, column-in-patch, channel."""
     return einops.rearrange(images, "n (h p) (w q) c -> n (h w) (p q c)", p=patch_size, q=patch_size)
 
 
 def unpatchify(patches: jax.Array, patch_size: int) -> jax.Array:
-    """(N, L, p*p*3) -> NHWC images; the inverse of `patchify` for square grids."""
+    """(N, L, p*p*C) -> NHWC images; the inverse of `patchify` for square grids."""
     grid = round(patches.shape[1] ** 0.5)
     return einops.rearrange(patches, "n (h w) (p q c) -> n (h p) (w q) c", h=grid, w=grid, p=patch_size, q=patch_size)
 
@@ -218,27 +224,29 @@ class PatchEmbed(nnx.Module):
 
     As a matmul it embeds any subset of patches, so MAE embeds only the visible quarter; cuDNN ran the
     convolution on all of them at ~40 TFLOP/s on an H100 (2 ms of a 115 ms ViT-L step). The parameters
-    keep the convolution's (p, p, 3, D) kernel, the layout of checkpoints and of the PyTorch converter.
+    keep the convolution's (p, p, C, D) kernel, the layout of checkpoints and of the PyTorch converter.
     """
 
-    def __init__(self, patch_size: int, width: int, *, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
-        fan_in = 3 * patch_size * patch_size
+    def __init__(
+        self, patch_size: int, width: int, num_channels: int = 3, *, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs
+    ):
+        fan_in = num_channels * patch_size * patch_size
         bound = fan_in**-0.5  # PyTorch's default conv bias init, kept by the official code
         self.dtype = dtype
         self.proj = nnx.Conv(
-            3,
+            num_channels,
             width,
             kernel_size=(patch_size, patch_size),
             strides=patch_size,
             padding="VALID",
-            # Xavier on the kernel viewed as (width, 3*p*p), as the official code does.
+            # Xavier on the kernel viewed as (width, C*p*p), as the official code does.
             kernel_init=jax.nn.initializers.xavier_uniform(in_axis=(0, 1, 2), out_axis=3),
             bias_init=lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound),
             rngs=rngs,
         )
 
     def __call__(self, patches: jax.Array) -> jax.Array:
-        """(N, T, p*p*3) pixel patches, in `patchify` order -> (N, T, D) tokens."""
+        """(N, T, p*p*C) pixel patches, in `patchify` order -> (N, T, D) tokens."""
         n, length, patch_dim = patches.shape
         kernel = self.proj.kernel[...].reshape(patch_dim, -1).astype(self.dtype)  # rows in (p q c) order
         rows = patches.reshape(n * length, patch_dim).astype(self.dtype)
@@ -324,7 +332,9 @@ class Encoder(nnx.Module):
             raise ValueError(f"image_size {config.image_size} is not divisible by patch_size {config.patch_size}")
         self.config = config
         self.remat = compute.remat
-        self.patch_embed = PatchEmbed(config.patch_size, config.width, dtype=compute.jnp_dtype, rngs=rngs)
+        self.patch_embed = PatchEmbed(
+            config.patch_size, config.width, config.num_channels, dtype=compute.jnp_dtype, rngs=rngs
+        )
         self.cls_token = nnx.Param(token_init(rngs.params(), (1, 1, config.width)))
         if trained_pos_embed:
             shape = (1, 1 + config.num_patches, config.width)
