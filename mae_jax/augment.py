@@ -19,6 +19,7 @@ MAX_MAGNITUDE = 10  # timm's level scale: magnitude / 10 is the op's strength in
 OP_PROBABILITY = 0.5  # timm applies each chosen RandAugment op with this probability
 # timm's `img_mean` hparam: the ImageNet mean as uint8, the fill of pixels that geometric ops uncover.
 FILL = (124, 116, 104)
+FILL_GRAY = 117  # FILL as a grayscale ("L") image's pixel: Pillow's convert("L") of it
 TRANSLATE_FRACTION = 0.45  # timm's default `translate_pct` for TranslateXRel/YRel
 ERASE_AREA = (0.02, 1 / 3)
 ERASE_LOG_ASPECT = (math.log(0.3), math.log(1 / 0.3))
@@ -32,15 +33,19 @@ def _signed(value: float, rng: np.random.Generator) -> float:
     return -value if rng.random() > 0.5 else value
 
 
+def _fill(image: Image.Image) -> int | tuple[int, ...]:
+    return FILL_GRAY if image.mode == "L" else FILL
+
+
 def _affine(image: Image.Image, matrix: tuple[float, ...]) -> Image.Image:
     # The official transform asks for bicubic resampling, which timm passes on to the geometric ops.
     return image.transform(
-        image.size, Image.Transform.AFFINE, matrix, resample=Image.Resampling.BICUBIC, fillcolor=FILL
+        image.size, Image.Transform.AFFINE, matrix, resample=Image.Resampling.BICUBIC, fillcolor=_fill(image)
     )
 
 
 def _rotate(image: Image.Image, level: float, rng: np.random.Generator) -> Image.Image:
-    return image.rotate(_signed(level * 30, rng), resample=Image.Resampling.BICUBIC, fillcolor=FILL)
+    return image.rotate(_signed(level * 30, rng), resample=Image.Resampling.BICUBIC, fillcolor=_fill(image))
 
 
 def _posterize(image: Image.Image, level: float, _: np.random.Generator) -> Image.Image:
@@ -52,7 +57,7 @@ def _posterize(image: Image.Image, level: float, _: np.random.Generator) -> Imag
 def _solarize_add(image: Image.Image, level: float, _: np.random.Generator) -> Image.Image:
     """Add `level * 110` to the channels below 128, saturating at 255."""
     add = int(level * 110)
-    return image.point([min(255, i + add) if i < 128 else i for i in range(256)] * 3)
+    return image.point([min(255, i + add) if i < 128 else i for i in range(256)] * len(image.getbands()))
 
 
 def _enhance(enhancer: type[ImageEnhance._Enhance]) -> Op:
@@ -95,8 +100,8 @@ def rand_augment(
     magnitude: float = 9,
     magnitude_std: float = 0.5,
 ) -> np.ndarray:
-    """timm RandAugment on a uint8 HxWx3 image: `num_ops` ops drawn with replacement, each applied with
-    probability 1/2 at a magnitude drawn from N(magnitude, magnitude_std) clipped to [0, 10].
+    """timm RandAugment on a uint8 HxWx3 (RGB) or HxW (grayscale) image: `num_ops` ops drawn with replacement,
+    each applied with probability 1/2 at a magnitude drawn from N(magnitude, magnitude_std) clipped to [0, 10].
 
     All randomness comes from `rng`, so an element's augmentation is reproducible from its seed.
     """

@@ -82,7 +82,9 @@ def jax_step(name: str, assembly: loop.Assembly, config: ml_collections.ConfigDi
     """`assembly`'s step compiled on synthetic batches, and facts about its compilation."""
     rng = np.random.default_rng(0)
     synthetic = {
-        "image": lambda: rng.integers(0, 256, (config.batch_size, config.image_size, config.image_size, 3), np.uint8),
+        "image": lambda: rng.integers(
+            0, 256, (config.batch_size, config.image_size, config.image_size, config.num_channels), np.uint8
+        ),
         "label": lambda: rng.integers(0, config.num_classes, config.batch_size, dtype=np.int32),
     }
     batch = [jax.device_put(synthetic[key](), assembly.batch_sharding) for key in assembly.batch_keys]
@@ -124,7 +126,7 @@ def torch_step(config: ml_collections.ConfigDict) -> Measured:
     hf_config = convert.hf.transformers_config(model_config, config.mask_ratio)
     model = transformers.ViTMAEForPreTraining(hf_config).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(config.b1, config.b2), weight_decay=config.weight_decay)
-    pixels = torch.randn(config.batch_size, 3, config.image_size, config.image_size, device=device)
+    pixels = torch.randn(config.batch_size, config.num_channels, config.image_size, config.image_size, device=device)
     bf16 = config.model.dtype == "bfloat16"
 
     def run() -> None:

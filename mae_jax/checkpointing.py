@@ -231,6 +231,7 @@ def check_same_run(manager: ocp.CheckpointManager, record: dict) -> None:
     if step is None:
         return
     saved = _saved_config(manager, step)
+    record = json.loads(json.dumps(record))  # as saved: tuples (dataset.mean) come back as lists
     labels = {key: key for key in RUN_KEYS} | {f"{RESOLVED_KEY}.{k}": name for k, name in RESOLVED_NAMES.items()}
     differences = [
         f"{label}: {_lookup(saved, key)!r} in the checkpoint, {_lookup(record, key)!r} now"

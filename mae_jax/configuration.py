@@ -7,6 +7,7 @@ them with `parse_flags`, which reports a bad --config path or override in one li
 
 from __future__ import annotations
 
+import math
 import re
 import sys
 import types
@@ -17,7 +18,7 @@ from absl import app, flags
 from ml_collections import config_dict
 
 from mae_jax import sharding
-from mae_jax.models.mae import MAEConfig, num_kept
+from mae_jax.models.mae import GRID_MASK_RATIO, MASKINGS, MAEConfig, num_kept
 from mae_jax.models.ops import check_kernels
 from mae_jax.models.vit import VARIANTS, Compute
 
@@ -102,6 +103,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.evals.reconstruction = ml_collections.ConfigDict()  # the reconstruction grid, to TensorBoard
     config.evals.reconstruction.every_steps = 5000
     config.evals.reconstruction.num_images = 8  # samples in the grid
+    # The image bands shown as red, green and blue (grayscale, one band, shows as gray)
+    config.evals.reconstruction.bands = (0, 1, 2)
     knn = config.evals.knn = ml_collections.ConfigDict()  # weighted k-NN accuracy of the encoder's cls features
     knn.every_steps = 0  # 0: off
     knn.train_split = "train"  # labeled examples the neighbours come from (same dataset.source/name)
@@ -113,6 +116,18 @@ def base_config() -> ml_collections.ConfigDict:
     knn.k = 20
     knn.temperature = 0.07  # neighbour weight exp(cosine similarity / temperature), as DINO's
     knn.batch_size = 256  # global, over all hosts
+    # A linear classifier trained from scratch on the encoder's frozen cls features at every evaluation
+    # (evaluators/probe.py): the official probe's head (BatchNorm without affine, linear), Adam, cosine decay
+    probe = config.evals.probe = ml_collections.ConfigDict()
+    probe.every_steps = 0  # 0: off
+    probe.train_split = "train"  # labeled examples the head trains on (same dataset.source/name)
+    probe.eval_split = "test"
+    probe.num_train = 10000  # subsets drawn as knn's: with the same values, the same examples
+    probe.num_eval = 2000
+    probe.batch_size = 256  # feature extraction; global, over all hosts
+    probe.epochs = 100  # the head's training, on the cached features: about 1 s for 10,000 64-wide on a CPU
+    probe.head_batch_size = 256
+    probe.learning_rate = 0.1  # Adam's, decayed to 0 (cosine): within 1 point of the optimum (L-BFGS)
     return config
 
 
@@ -226,6 +241,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"model.variant={config.model.variant!r} is not NAME/PATCH with NAME in {sorted(VARIANTS)}")
     if config.image_size % int(patch):
         raise ConfigError(f"image_size={config.image_size} is not divisible by the patch size {patch}")
+    _validate_channels(config)
     if task == "pretrain":
         _validate_pretraining(config, (config.image_size // int(patch)) ** 2)
     else:
@@ -261,11 +277,33 @@ def validate(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"{key}={config[key]} must be >= 1")
 
 
+def _validate_channels(config: ml_collections.ConfigDict) -> None:
+    channels = config.num_channels
+    if channels < 1:
+        raise ConfigError(f"num_channels={channels} must be >= 1")
+    for key in ("mean", "std"):
+        values = config.dataset[key]
+        if len(values) != channels:
+            raise ConfigError(
+                f"dataset.{key} has {len(values)} values for num_channels={channels}: give one per channel"
+            )
+    if min(config.dataset.std) <= 0:
+        raise ConfigError(f"dataset.std={tuple(config.dataset.std)} must be > 0 in every channel")
+
+
 def _validate_pretraining(config: ml_collections.ConfigDict, num_patches: int) -> None:
     if not 0 <= config.mask_ratio < 1:
         raise ConfigError(f"mask_ratio={config.mask_ratio} must be in [0, 1)")
     if num_kept(num_patches, config.mask_ratio) < 1:
         raise ConfigError(f"mask_ratio={config.mask_ratio} keeps no patch of the {num_patches} in an image")
+    masking = config.model.masking
+    if masking not in MASKINGS:
+        raise ConfigError(f"model.masking={masking!r} must be one of {sorted(MASKINGS)}")
+    if masking == "grid" and (config.mask_ratio != GRID_MASK_RATIO or math.isqrt(num_patches) % 2):
+        raise ConfigError(
+            f"model.masking='grid' keeps one patch of every 2 x 2: it needs mask_ratio={GRID_MASK_RATIO} (not "
+            f"{config.mask_ratio}) and an even number of patches per side (not {math.isqrt(num_patches)})"
+        )
     if config.model.decoder_width % config.model.decoder_heads or config.model.decoder_width % 4:
         raise ConfigError(
             f"model.decoder_width={config.model.decoder_width} must be divisible by 4 and by "
@@ -275,7 +313,14 @@ def _validate_pretraining(config: ml_collections.ConfigDict, num_patches: int) -
     for key in ("every_steps", "num_images"):
         if reconstruction[key] < 1:
             raise ConfigError(f"evals.reconstruction.{key}={reconstruction[key]} must be >= 1")
+    bands = tuple(reconstruction.bands)
+    if len(bands) != 3 or (config.num_channels >= 3 and not all(0 <= band < config.num_channels for band in bands)):
+        raise ConfigError(
+            f"evals.reconstruction.bands={bands} must be 3 bands in [0, num_channels={config.num_channels}), "
+            "shown as red, green and blue"
+        )
     _validate_knn(config)
+    _validate_probe(config)
 
 
 def _validate_knn(config: ml_collections.ConfigDict) -> None:
@@ -299,6 +344,30 @@ def _validate_knn(config: ml_collections.ConfigDict) -> None:
         )
 
 
+def _validate_probe(config: ml_collections.ConfigDict) -> None:
+    probe = config.evals.probe
+    for key, valid, rule in (
+        ("every_steps", probe.every_steps >= 0, ">= 0"),
+        ("epochs", probe.epochs >= 1, ">= 1"),
+        ("head_batch_size", probe.head_batch_size >= 1, ">= 1"),
+        ("learning_rate", probe.learning_rate > 0, "> 0"),
+    ):
+        if not valid:
+            raise ConfigError(f"evals.probe.{key}={probe[key]} must be {rule}")
+    if probe.every_steps == 0:
+        return
+    if config.dataset.source == "demo":
+        raise ConfigError("evals.probe.every_steps > 0 needs labeled data: dataset.source='demo' has no labels")
+    if probe.num_train < 1 or probe.num_eval < 1:
+        raise ConfigError(
+            f"evals.probe.num_train={probe.num_train} and evals.probe.num_eval={probe.num_eval} must be >= 1"
+        )
+    if probe.batch_size < 1 or probe.batch_size % jax.device_count():
+        raise ConfigError(
+            f"evals.probe.batch_size={probe.batch_size} is not a positive multiple of the {jax.device_count()} devices"
+        )
+
+
 def _validate_downstream(config: ml_collections.ConfigDict) -> None:
     if config.num_classes < 2:
         raise ConfigError(f"num_classes={config.num_classes} must be >= 2")
@@ -307,6 +376,11 @@ def _validate_downstream(config: ml_collections.ConfigDict) -> None:
     if not 0 < config.layer_decay <= 1:
         raise ConfigError(f"layer_decay={config.layer_decay} must be in (0, 1]")
     augment = config.augment
+    if augment.rand_augment and config.num_channels not in (1, 3):
+        raise ConfigError(
+            f"augment.rand_augment needs num_channels 1 or 3 (its PIL ops take L or RGB images), not "
+            f"{config.num_channels}"
+        )
     if min(augment.mixup, augment.cutmix, augment.label_smoothing, augment.random_erasing) < 0:
         raise ConfigError("augment.mixup, cutmix, label_smoothing and random_erasing must be >= 0")
     if augment.label_smoothing >= 1 or augment.random_erasing > 1 or not 0 <= augment.mixup_switch_prob <= 1:
@@ -334,9 +408,16 @@ def parse_flags(argv: list[str]) -> list[str]:
     ml_collections raises a config file's load error (a missing path) only when the config is first used:
     here, at parse time. A file without `get_config()`, a `get_config()` that returns no ConfigDict and a
     bad `--config.key` override are one line too; a key that moved (`MOVED_KEYS`) is named with its new place.
+    A `get_config(arg)` that raises (e.g. an unknown `configs/ablation.py:NAME`) is its error's last line.
     """
     try:
-        remaining = app.parse_flags_with_usage(argv)
+        try:
+            remaining = flags.FLAGS(argv)
+        except flags.Error as error:
+            message = str(error).strip()
+            if "Error whilst parsing config file" not in message:
+                app.parse_flags_with_usage(argv)  # absl's message and usage for every other bad flag
+            sys.exit(f"error: get_config() of the --config file failed: {message.splitlines()[-1].strip()}")
         config = flags.FLAGS.config
         if not isinstance(config, ml_collections.ConfigDict):
             getattr(config, "lock", None)  # a file that could not be loaded raises its error here

@@ -77,6 +77,11 @@ def pretrained_encoder(path: str, model_config: ClassifierConfig) -> nnx.State:
     wanted = {path: leaf.shape for path, leaf in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(expected))}
     if shapes != wanted:
         found, wanted_encoder = pretrained_config.encoder, model_config.encoder
+        if found.num_channels != wanted_encoder.num_channels:
+            raise configuration.ConfigError(
+                f"init={path} holds a ViT of {found.num_channels} input channels; num_channels is "
+                f"{wanted_encoder.num_channels}"
+            )
         raise configuration.ConfigError(
             f"init={path} holds a ViT of width {found.width}, depth {found.depth} and patch {found.patch_size}; "
             f"model.variant asks for width {wanted_encoder.width}, depth {wanted_encoder.depth} and patch "
@@ -123,10 +128,11 @@ def make_train_step(
     """
     step_key = jax.random.key(config.seed + 1)
     aug = config.augment
+    stats = input_pipeline.pixel_stats(config.dataset)
 
     def train_step(state: TrainState, images: jax.Array, labels: jax.Array):
         erase_key, mix_key, drop_key = jax.random.split(jax.random.fold_in(step_key, state.step), 3)
-        inputs = input_pipeline.normalize(images)
+        inputs = input_pipeline.normalize(images, stats)
         if aug.random_erasing > 0:
             inputs = augment.random_erasing(inputs, erase_key, aug.random_erasing)
         inputs, targets = augment.mixup_cutmix(

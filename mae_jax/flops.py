@@ -48,13 +48,13 @@ def block_flops(tokens: int, width: int, mlp_ratio: int) -> int:
 
 
 def patch_embed_flops(enc: EncoderConfig, patches: int) -> int:
-    return 2 * patches * 3 * enc.patch_size**2 * enc.width
+    return 2 * patches * enc.patch_dim * enc.width
 
 
 def forward_flops(config: MAEConfig, mask_ratio: float) -> int:
     """Forward matmul FLOPs of the MAE on one image."""
     enc = config.encoder
-    patches, patch_dim = enc.num_patches, 3 * enc.patch_size**2
+    patches, patch_dim = enc.num_patches, enc.patch_dim
     embedded = patches if config.mask_tokens_in_encoder else num_kept(patches, mask_ratio)  # MAE: visible only
     encoder_tokens = 1 + embedded
     return (

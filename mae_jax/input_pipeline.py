@@ -44,7 +44,8 @@ FINETUNE_CROP_SCALE = (0.08, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
 EVAL_CROP_PCT = 224 / 256  # the evaluation's center crop keeps this share of the resized image...
 EVAL_CROP_PCT_MAX_SIZE = 224  # ...up to this image size; all of it above
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
+# torchvision's, and NumPy arrays (H, W) or (H, W, C): multi-band images
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".npy")
 NO_LABEL = -1
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # where Debian's dataset-fashion-mnist package puts it
 FASHION_MNIST_SPLITS = {"train": "train", "test": "t10k"}  # split -> file name prefix
@@ -351,15 +352,42 @@ def make_source(dataset: ml_collections.ConfigDict) -> Sequence:
 # ---------------------------------------------------------------------------------------------------
 # Decoding and transforms (uint8 in, uint8 out)
 # ---------------------------------------------------------------------------------------------------
-def to_rgb(image: np.ndarray) -> np.ndarray:
-    """uint8 HxWx3 from grayscale, RGBA or float arrays."""
-    if image.dtype != np.uint8:
-        image = np.clip(image * (255 if image.max() <= 1 else 1), 0, 255).astype(np.uint8)
-    if image.ndim == 2:
-        image = image[:, :, None]
-    if image.shape[-1] == 1:
-        image = np.repeat(image, 3, axis=-1)
-    return np.ascontiguousarray(image[:, :, :3])
+NPY_MAGIC = b"\x93NUMPY"  # how every .npy file starts
+PIL_MODES = {1: "L", 3: "RGB"}  # num_channels -> the mode any PIL image is converted to
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """A uint8 array as it is; a float array scaled by 255 when its values lie in [0, 1], then clipped to 0..255."""
+    if image.dtype == np.uint8:
+        return image
+    return np.clip(image * (255 if image.max() <= 1 else 1), 0, 255).astype(np.uint8)
+
+
+def luma(rgb: np.ndarray) -> np.ndarray:
+    """uint8 (H, W, 3) -> (H, W, 1) gray by ITU-R 601-2, in Pillow's fixed point, as `convert("L")` computes it."""
+    r, g, b = (rgb[:, :, i].astype(np.uint32) for i in range(3))
+    return ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16).astype(np.uint8)[:, :, None]
+
+
+def to_bands(image: np.ndarray, num_channels: int = 3) -> np.ndarray:
+    """A decoded array (H, W) or (H, W, C), uint8 or float -> uint8 (H, W, num_channels).
+
+    A 2-D array is one band; one band is repeated to 3 when 3 are asked; 4 bands asked as 1 or 3 are RGBA,
+    whose alpha is dropped as by Pillow's convert; 3 bands become 1 by Pillow's "L" rule (`luma`); equal
+    counts stay. Any other pair of counts is a ValueError (the caller names the file).
+    """
+    image = to_uint8(image)
+    image = image[:, :, None] if image.ndim == 2 else image
+    bands = image.shape[-1] if image.ndim == 3 else None
+    if bands == 4 and num_channels in PIL_MODES:
+        image, bands = image[:, :, :3], 3
+    if bands == num_channels:
+        return np.ascontiguousarray(image)
+    if bands == 1 and num_channels == 3:
+        return np.repeat(image, 3, axis=-1)
+    if bands == 3 and num_channels == 1:
+        return luma(image)
+    raise ValueError(f"the array of shape {image.shape} has {bands} bands, not num_channels={num_channels}")
 
 
 # A training example looks this far for a readable image, and the reconstruction grid for its first one
@@ -368,12 +396,27 @@ MAX_UNREADABLE_IN_A_ROW = 1000
 UNREADABLE_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
-def decode(image: bytes | np.ndarray) -> np.ndarray:
-    """Encoded bytes (any PIL format and mode: grayscale, palette, CMYK, RGBA...) or an array -> uint8 RGB."""
+def decode(image: bytes | np.ndarray, num_channels: int = 3) -> np.ndarray:
+    """Encoded bytes or an array -> uint8 (H, W, num_channels).
+
+    Bytes: a .npy array (H, W) or (H, W, C), uint8 or float (`to_bands`), or any PIL format and mode, converted
+    to "L" for 1 channel and "RGB" for 3; other counts take the image's own bands when they match. Arrays:
+    `to_bands`. A mismatch is a ValueError, which the pipeline reports with the file's name.
+    """
     if isinstance(image, np.ndarray):
-        return to_rgb(image)
+        return to_bands(image, num_channels)
+    if image[: len(NPY_MAGIC)] == NPY_MAGIC:
+        array = np.load(io.BytesIO(image), allow_pickle=False)
+        if array.dtype != np.uint8 and not np.issubdtype(array.dtype, np.floating):
+            raise ValueError(f".npy of dtype {array.dtype}: give uint8, or floats in [0, 1]")
+        return to_bands(array, num_channels)
     with Image.open(io.BytesIO(image)) as pil:
-        return np.asarray(pil.convert("RGB"))
+        if num_channels in PIL_MODES:
+            return np.asarray(pil.convert(PIL_MODES[num_channels])).reshape(pil.height, pil.width, num_channels)
+        bands = len(pil.getbands())
+        if bands != num_channels:
+            raise ValueError(f"the image (mode {pil.mode}) has {bands} bands, not num_channels={num_channels}")
+        return np.asarray(pil).reshape(pil.height, pil.width, num_channels)
 
 
 def random_resized_crop_box(
@@ -400,9 +443,21 @@ def random_resized_crop_box(
     return left, top, left + crop_w, top + crop_h
 
 
+def pil_resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Pillow's antialiased bicubic resize of a uint8 (H, W, C) image to (height, width, C).
+
+    3 bands resize as one "RGB" image, 1 band as an "L" image, other counts band by band as "L" images (the
+    same filter: band-wise "L" equals "RGB" on every band, and Pillow would premultiply an RGBA image's alpha).
+    """
+    if image.shape[-1] == 3:
+        return np.asarray(Image.fromarray(image).resize((width, height), Image.BICUBIC))
+    bands = [Image.fromarray(np.ascontiguousarray(image[:, :, c])) for c in range(image.shape[-1])]
+    return np.stack([np.asarray(band.resize((width, height), Image.BICUBIC)) for band in bands], axis=-1)
+
+
 def bicubic_resize(image: np.ndarray, size: int) -> np.ndarray:
     """Pillow's antialiased bicubic resize to size x size, as torchvision's PIL path."""
-    return np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC))
+    return pil_resize(image, size, size)
 
 
 def pretrain_transform(
@@ -432,7 +487,7 @@ def crop_to_canvas(
     crop = image[top:bottom, left:right]
     if crop.shape[0] > canvas or crop.shape[1] > canvas:
         crop = bicubic_resize(crop, size)
-    out = np.zeros((canvas, canvas, 3), np.uint8)
+    out = np.zeros((canvas, canvas, image.shape[-1]), np.uint8)
     out[: crop.shape[0], : crop.shape[1]] = crop
     return {"image": out, "crop": np.array([crop.shape[0], crop.shape[1], flip], np.int32)}
 
@@ -488,7 +543,14 @@ def finetune_transform(image: np.ndarray, rng: np.random.Generator, size: int, r
     """The official fine-tuning training transform (timm, with `rand_augment`: rand-m9-mstd0.5-inc1):
     RandomResizedCrop(size, scale 0.08-1, bicubic) + flip; random erasing runs on the device."""
     image = pretrain_transform(image, rng, size, FINETUNE_CROP_SCALE)
-    return augment.rand_augment(np.ascontiguousarray(image), rng) if rand_augment else image
+    return _rand_augment(image, rng) if rand_augment else image
+
+
+def _rand_augment(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """`augment.rand_augment` of an RGB image, or of a 1-band one as a PIL "L" image."""
+    if image.shape[-1] == 1:
+        return augment.rand_augment(np.ascontiguousarray(image[:, :, 0]), rng)[:, :, None]
+    return augment.rand_augment(np.ascontiguousarray(image), rng)
 
 
 def single_draw_crop_box(
@@ -516,7 +578,7 @@ def linprobe_transform(image: np.ndarray, rng: np.random.Generator, size: int, r
     left, top, right, bottom = single_draw_crop_box(rng, *image.shape[:2])
     image = bicubic_resize(image[top:bottom, left:right], size)
     image = image[:, ::-1] if rng.random() < 0.5 else image
-    return augment.rand_augment(np.ascontiguousarray(image), rng) if rand_augment else image
+    return _rand_augment(image, rng) if rand_augment else image
 
 
 def classifier_train_transform(config: ml_collections.ConfigDict) -> Transform:
@@ -532,13 +594,13 @@ def eval_transform(image: np.ndarray, size: int) -> np.ndarray:
     (448 px: 448, not 512); the long side becomes int(new_short * long / short). Then CenterCrop(size) at
     offsets round((H - size) / 2) and round((W - size) / 2).
     """
-    pil = Image.fromarray(image)
+    height, width = image.shape[:2]
     new_short = int(size / (EVAL_CROP_PCT if size <= EVAL_CROP_PCT_MAX_SIZE else 1.0))
-    short, long = sorted(pil.size)
+    short, long = sorted((width, height))
     new_long = int(new_short * long / short)
-    pil = pil.resize((new_short, new_long) if pil.width <= pil.height else (new_long, new_short), Image.BICUBIC)
-    top, left = round((pil.height - size) / 2), round((pil.width - size) / 2)
-    return np.asarray(pil.crop((left, top, left + size, top + size)))
+    image = pil_resize(image, *((new_short, new_long) if width <= height else (new_long, new_short)))
+    top, left = round((image.shape[0] - size) / 2), round((image.shape[1] - size) / 2)
+    return np.ascontiguousarray(image[top : top + size, left : left + size])
 
 
 class PixelStats(NamedTuple):
@@ -606,8 +668,8 @@ class TrainStream:
     position; the replaced records travel with the example ("skipped") for `SkippedImages.take`.
     """
 
-    def __init__(self, source: Sequence, seed: int, transform: Transform):
-        self.source, self.seed, self.transform = source, seed, transform
+    def __init__(self, source: Sequence, seed: int, transform: Transform, num_channels: int = 3):
+        self.source, self.seed, self.transform, self.num_channels = source, seed, transform, num_channels
 
     def record_index(self, position: int, attempt: int = 0) -> int:
         """The record read for `position` at its `attempt`-th try."""
@@ -622,7 +684,7 @@ class TrainStream:
         for attempt in range(tries):  # bounded: a source that hardly decodes fails, not a search for hours
             record = self.source[self.record_index(position, attempt)]
             try:
-                fields = self.transform(decode(record["image"]), rng)
+                fields = self.transform(decode(record["image"], self.num_channels), rng)
             except UNREADABLE_IMAGE_ERRORS as error:
                 skipped.append((record["name"], f"{type(error).__name__}: {error}"))
                 continue
@@ -630,7 +692,7 @@ class TrainStream:
             return {**fields, "label": np.int32(record["label"]), "skipped": skipped}
         description = getattr(self.source, "description", type(self.source).__name__)
         what = f"the {tries} records" if tries == len(self.source) else f"{tries} records in a row"
-        raise DatasetNotFoundError(f"no decodable image among {what} of {description} (last: {skipped[-1][1]})")
+        raise DatasetNotFoundError(f"no decodable image among {what} of {description} (last: {': '.join(skipped[-1])})")
 
 
 def _host_example(index: int, stream: TrainStream, rows: np.ndarray, batch_size: int, start: int) -> dict[str, Any]:
@@ -670,7 +732,7 @@ def train_dataset(
     process_count: int | None = None,
 ) -> grain.IterDataset:
     """This host's part of the global training stream (`TrainStream`), as an infinite iterable of batches
-    {"image": uint8 (b, S, S, 3), "label": int32 (b,)}, b = len(rows).
+    {"image": uint8 (b, S, S, C), "label": int32 (b,)}, b = len(rows), C = `num_channels`.
 
     Global batch k holds stream positions position + k * batch_size + r for rows r = 0 .. batch_size - 1,
     and this host reads its `rows` of them: `process_rows` of the batch sharding, or by default the equal
@@ -684,7 +746,7 @@ def train_dataset(
         index = jax.process_index() if process_index is None else process_index
         per_host = config.batch_size // (jax.process_count() if process_count is None else process_count)
         rows = range(index * per_host, (index + 1) * per_host)
-    stream = TrainStream(source, config.seed, transform or pretrain_host_transform(config))
+    stream = TrainStream(source, config.seed, transform or pretrain_host_transform(config), config.num_channels)
     host_example = functools.partial(
         _host_example, stream=stream, rows=np.asarray(rows), batch_size=config.batch_size, start=position
     )
@@ -722,8 +784,9 @@ def device_prefetch(
             yield queue.popleft()
 
 
-def fixed_eval_images(source: Sequence, count: int, size: int) -> np.ndarray:
-    """The first readable `count` images of the source (fewer if it has fewer), center-cropped: the same samples
+def fixed_eval_images(source: Sequence, count: int, size: int, num_channels: int = 3) -> np.ndarray:
+    """The first readable `count` images of the source (fewer if it has fewer), center-cropped, with
+    `num_channels` bands: the same samples
     at every visualization. A source whose first `MAX_UNREADABLE_IN_A_ROW` images are all unreadable is a
     DatasetNotFoundError naming the first of them."""
     images, first_error = [], None
@@ -731,7 +794,7 @@ def fixed_eval_images(source: Sequence, count: int, size: int) -> np.ndarray:
     for index in range(searched):
         record = source[index]
         try:
-            images.append(eval_transform(decode(record["image"]), size))
+            images.append(eval_transform(decode(record["image"], num_channels), size))
         except UNREADABLE_IMAGE_ERRORS as error:
             first_error = first_error or f"{record['name']}: {type(error).__name__}: {error}"
             continue
@@ -742,13 +805,14 @@ def fixed_eval_images(source: Sequence, count: int, size: int) -> np.ndarray:
     return np.stack(images)
 
 
-def _eval_example(index: int, source: Sequence, size: int, total: int) -> dict[str, Any]:
-    padding = {"image": np.zeros((size, size, 3), np.uint8), "label": np.int32(NO_LABEL), "valid": False, "name": ""}
+def _eval_example(index: int, source: Sequence, size: int, total: int, num_channels: int) -> dict[str, Any]:
+    image = np.zeros((size, size, num_channels), np.uint8)
+    padding = {"image": image, "label": np.int32(NO_LABEL), "valid": False, "name": ""}
     if index >= total:  # evens out the hosts' batch counts
         return padding
     record = source[index]
     try:
-        image = eval_transform(decode(record["image"]), size)
+        image = eval_transform(decode(record["image"], num_channels), size)
     except UNREADABLE_IMAGE_ERRORS as error:
         return padding | {"name": record["name"], "error": f"{type(error).__name__}: {error}"}
     return {"image": image, "label": np.int32(record["label"]), "valid": True, "name": record["name"]}
@@ -780,10 +844,11 @@ def eval_batches(
     num_threads: int = 16,
     skipped: SkippedImages | None = None,
     num_classes: int | None = None,
+    num_channels: int = 3,
 ) -> Iterator[dict[str, np.ndarray]]:
     """This host's part of the source's examples, each once, in order, center-cropped (`eval_transform`).
 
-    Batches are {"image": uint8 (b, S, S, 3), "label": int32 (b,), "valid": bool (b,)} with b = batch_size /
+    Batches are {"image": uint8 (b, S, S, num_channels), "label": int32 (b,), "valid": bool (b,)} with b = batch_size /
     hosts. Host h reads examples h, h + hosts, ...; rows past the end and unreadable images are padding
     (valid False), so every host yields the same number of batches, as a jitted multi-host evaluation needs.
     With `num_classes`, a label outside [0, num_classes) raises a ConfigError naming the example.
@@ -798,7 +863,7 @@ def eval_batches(
     skipped = SkippedImages() if skipped is None else skipped
     dataset = (
         grain.MapDataset.range(index, index + num_batches * per_host * count, count)
-        .map(functools.partial(_eval_example, source=source, size=image_size, total=total))
+        .map(functools.partial(_eval_example, source=source, size=image_size, total=total, num_channels=num_channels))
         .to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * per_host))
         .map(functools.partial(_report_unreadable, skipped=skipped))
         .batch(per_host)

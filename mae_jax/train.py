@@ -35,6 +35,7 @@ def make_train_step(
     *,
     grad_accum_steps: int = 1,
     mesh: jax.sharding.Mesh | None = None,
+    stats: input_pipeline.PixelStats = input_pipeline.IMAGENET_STATS,
 ) -> Callable[[TrainState, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
     """One AdamW step; the masking noise is a function of (seed, step) alone, so resumed runs redraw it.
 
@@ -50,10 +51,10 @@ def make_train_step(
     def train_step(state: TrainState, images: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
         def loss_fn(params: nnx.State, images: jax.Array, noise: jax.Array) -> jax.Array:
             model = nnx.merge(graphdef, params, state.fixed)
-            return model(input_pipeline.normalize(images), mask_ratio, noise=noise).loss
+            return model(input_pipeline.normalize(images, stats), mask_ratio, noise=noise).loss
 
         model = nnx.merge(graphdef, state.params, state.fixed)
-        noise = model.draw_noise(jax.random.fold_in(noise_key, state.step), images.shape[0])
+        noise = model.draw_noise(jax.random.fold_in(noise_key, state.step), images.shape[0], mask_ratio)
         grad_fn = jax.value_and_grad(loss_fn)
         if grad_accum_steps == 1:
             loss, grads = grad_fn(state.params, images, noise)
@@ -93,7 +94,14 @@ def assemble(
     tx = optim.make_optimizer(config, lr_schedule)
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: MAE(model_config, rngs=nnx.Rngs(0))))
     step = make_train_step(
-        graphdef, tx, lr_schedule, config.mask_ratio, config.seed, grad_accum_steps=config.grad_accum_steps, mesh=mesh
+        graphdef,
+        tx,
+        lr_schedule,
+        config.mask_ratio,
+        config.seed,
+        grad_accum_steps=config.grad_accum_steps,
+        mesh=mesh,
+        stats=input_pipeline.pixel_stats(config.dataset),
     )
     m = config.model
     return loop.assemble(

@@ -49,6 +49,19 @@ def test_config_file_without_get_config_is_one_line(tmp_path: pathlib.Path):
 
 
 @pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ("configs/ablation.py:stripes=1", "ValueError: unknown ablation 'stripes' in 'stripes=1': use mask_ratio,"),
+        ("configs/ablation.py:mask_ratio=high", "ValueError: ablation 'mask_ratio=high': bad value 'high'"),
+        ("configs/fashion_mnist.py:probe", "ValueError: downstream task 'probe' must be one of"),
+    ],
+)
+def test_config_file_whose_get_config_refuses_its_argument_is_one_line(tmp_path: pathlib.Path, config, message):
+    result = run_module("mae_jax.main", f"--config={config}", f"--workdir={tmp_path}")
+    assert_one_line_error(result, f"error: get_config() of the --config file failed: {message}")
+
+
+@pytest.mark.parametrize(
     ("args", "message"),
     [
         (("--config=configs/vit_bas.py",), MISSING_CONFIG),

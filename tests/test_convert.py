@@ -205,6 +205,47 @@ def test_infer_config(official):
     assert convert.infer_config(unknown, num_heads=2).encoder.depth == 3
 
 
+def official_patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
+    """The official `MaskedAutoencoderViT.patchify` (NCHW -> (N, L, p*p*C), 'nchpwq->nhwpqc') for any C, whose
+    order `decoder_pred`'s outputs follow."""
+    n, c, h, w = images.shape
+    x = images.reshape(n, c, h // patch, patch, w // patch, patch)
+    return torch.einsum("nchpwq->nhwpqc", x).reshape(n, (h // patch) * (w // patch), patch * patch * c)
+
+
+@pytest.mark.parametrize("channels", [1, 4])
+def test_other_channel_counts_round_trip_and_compute_as_pytorch(channels):
+    config = MAEConfig.from_variant("mu/8", 32, channels, decoder_width=32, decoder_depth=1, decoder_heads=2)
+    model = perturbed_model(config, seed=5)
+    official = convert.to_official(nnx.state(model))
+    assert official["patch_embed.proj.weight"].shape == (64, channels, 8, 8)  # the official model's in_chans
+    assert official["decoder_pred.weight"].shape == (8 * 8 * channels, 32)
+    assert convert.infer_config(official, decoder_heads=2) == config
+    assert convert.infer_config({key: official[key] for key in ENCODER_KEYS}).encoder.num_channels == channels
+    assert_states_equal(convert.from_official(official, config), nnx.state(model))
+    images = np.random.default_rng(0).normal(size=(2, 32, 32, channels)).astype(np.float32)
+    pixels = torch.from_numpy(images).permute(0, 3, 1, 2)
+    theirs = torch.nn.functional.conv2d(
+        pixels,
+        torch.from_numpy(official["patch_embed.proj.weight"]),
+        torch.from_numpy(official["patch_embed.proj.bias"]),
+        stride=8,
+    )
+    ours = model.encoder.patch_embed(patchify(jnp.asarray(images), 8))
+    np.testing.assert_allclose(np.asarray(ours), theirs.flatten(2).transpose(1, 2).numpy(), atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(patchify(jnp.asarray(images), 8)), official_patchify(pixels, 8).numpy())
+    three = MAEConfig.from_variant("mu/8", 32, decoder_width=32, decoder_depth=1, decoder_heads=2)
+    with pytest.raises(
+        ValueError, match=rf"patch_embed.proj.weight: file \(64, {channels}, 8, 8\) vs model \(64, 3, 8, 8\)"
+    ):
+        convert.from_official(official, three)
+    wrong_pred = {**official, "decoder_pred.weight": np.zeros((8 * 8 * 3 + 1, 32), np.float32)}
+    with pytest.raises(
+        ValueError, match=rf"decoder_pred predicts 193 values per patch, not patch 8\^2 x in_chans {channels}"
+    ):
+        convert.infer_config(wrong_pred, decoder_heads=2)
+
+
 def test_cli_import_export_round_trip(model, official, tmp_path):
     pth = str(tmp_path / "in.pth")
     convert.save_pth(pth, official)

@@ -103,7 +103,7 @@ def test_transformers_config_without_transformers_is_one_line(monkeypatch):
 def inputs(config: MAEConfig, seed: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     size = config.encoder.image_size
-    images = rng.standard_normal((BATCH, size, size, 3), np.float32)
+    images = rng.standard_normal((BATCH, size, size, config.encoder.num_channels), np.float32)
     return images, rng.uniform(size=(BATCH, config.encoder.num_patches)).astype(np.float32)
 
 
@@ -194,6 +194,23 @@ def test_hf_encoder_only_export_loads_as_vit_mae_model(tmp_path):
     images, noise = inputs(TINY, seed=2)
     mine = ours(TINY, state, images, noise, 0.75)
     assert_same_outputs(mine, theirs(model, images, noise), "hf encoder-only export")
+
+
+@pytest.mark.parametrize("channels", [1, 4])
+def test_other_channel_counts_export_to_transformers_compute_the_same_and_import_back(tmp_path, channels):
+    config = MAEConfig.from_variant("mu/8", 32, channels, decoder_width=32, decoder_depth=1, decoder_heads=2)
+    params, state = save_params(tmp_path, config)
+    cli.main(["export", params, str(tmp_path / "hf"), "--format=hf"])
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["num_channels"] == channels
+    model, info = transformers.ViTMAEForPreTraining.from_pretrained(tmp_path / "hf", output_loading_info=True)
+    assert not any(info.values()), info
+    assert model.config.num_channels == channels and model.config.layer_norm_eps == 1e-6
+    images, noise = inputs(config, seed=5)
+    assert_same_outputs(ours(config, state, images, noise, 0.75), theirs(model, images, noise), f"{channels} channels")
+    cli.main(["import", str(tmp_path / "hf"), str(tmp_path / "back")])
+    back_config, back = checkpointing.load_params(tmp_path / "back")
+    assert back_config == config
+    assert_states_equal(back, state)
 
 
 def test_hf_round_trip_is_exact_and_needs_neither_torch_nor_transformers(tmp_path, monkeypatch):
@@ -344,7 +361,7 @@ CONFIG_CHANGES = {
     "hidden_act": ({"hidden_act": "gelu_new"}, r"hidden_act is 'gelu_new': mae_jax's MLP computes the exact"),
     "qkv_bias": ({"qkv_bias": False}, r"qkv_bias is not true: mae_jax's attention has q, k and v biases"),
     "image_size": ({"image_size": [32, 48]}, r"image_size is \[32, 48\]: mae_jax's ViT has square images"),
-    "num_channels": ({"num_channels": 1}, r"num_channels is 1: mae_jax's ViT reads RGB images"),
+    "num_channels": ({"num_channels": 0}, r"num_channels is 0: an image has at least 1 channel"),
     "model_type": ({"model_type": "bert"}, r"model_type is 'bert': mae_jax imports 'vit_mae': ViTMAEForPreTraining"),
     "architectures": ({"architectures": ["ViTMAEForX"]}, r"architectures are \['ViTMAEForX'\]: mae_jax imports one"),
     "decoder_mlp": ({"decoder_intermediate_size": 100}, r"decoder_intermediate_size 100 is not 4 x decoder_hidden"),

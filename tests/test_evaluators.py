@@ -31,13 +31,14 @@ from tests.test_input_pipeline import write_fashion_mnist
 # Registry, selection, schedule
 # ---------------------------------------------------------------------------------------------------
 def test_each_registered_evaluator_has_its_block_in_the_configs():
-    assert set(EVALUATORS) == {"reconstruction", "knn", "classification"}
+    assert set(EVALUATORS) == {"reconstruction", "knn", "probe", "classification"}
     assert all(issubclass(evaluator, Evaluator) and evaluator.name == name for name, evaluator in EVALUATORS.items())
     pretraining = configuration.base_config().evals
-    assert set(pretraining) == {"reconstruction", "knn"}
+    assert set(pretraining) == {"reconstruction", "knn", "probe"}
     for task in ("finetune", "linprobe"):
         assert set(configuration.downstream_config(task).evals) == {"classification"}
     assert (pretraining.reconstruction.every_steps, pretraining.knn.every_steps) == (5000, 0)  # kNN is opt-in
+    assert pretraining.probe.every_steps == 0  # as is the linear probe
 
 
 def fashion_pretraining_config(data_dir: pathlib.Path, **overrides) -> ml_collections.ConfigDict:
@@ -146,7 +147,7 @@ def test_reconstruction_noise_is_the_uniform_draw_the_loop_made_before(tiny_mode
     """The grid's masks before evaluators: jax.random.uniform(key(seed + 2), (images, patches)); now the model's
     `draw_noise`, which must give the same bits so that grids of old and new runs compare."""
     key = jax.random.key(0 + 2)
-    np.testing.assert_array_equal(tiny_model.draw_noise(key, 8), jax.random.uniform(key, (8, 16)))
+    np.testing.assert_array_equal(tiny_model.draw_noise(key, 8, 0.75), jax.random.uniform(key, (8, 16)))
 
 
 # ---------------------------------------------------------------------------------------------------

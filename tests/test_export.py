@@ -118,7 +118,7 @@ def test_finetuning_without_torch_writes_the_classifier_as_safetensors(tmp_path:
     assert not (workdir / "classifier.pth").exists()
 
     state_dict = safetensors.numpy.load_file(workdir / "classifier.safetensors")
-    official = OfficialClassifier(EncoderConfig.from_variant("mu/4", 28), num_classes=10)
+    official = OfficialClassifier(EncoderConfig.from_variant("mu/4", 28, 1), num_classes=10)  # grayscale
     expected = {name: tuple(value.shape) for name, value in official.state_dict().items()}
     assert {name: value.shape for name, value in state_dict.items()} == expected
     official.load_state_dict(safetensors.torch.load_file(workdir / "classifier.safetensors"), strict=True)

@@ -142,3 +142,10 @@ def test_downstream_config_errors_name_the_key():
         config = tiny_downstream_config("linprobe")
         config.mask_ratio = 0.75  # a pretraining key
         configuration.validate(config)
+
+
+def test_pretrained_encoder_of_another_channel_count_is_named(exported_encoder):
+    directory, _ = exported_encoder
+    model_config = finetune.classifier_config(tiny_downstream_config("finetune", num_channels=1))
+    with pytest.raises(configuration.ConfigError, match=r"holds a ViT of 3 input channels; num_channels is 1$"):
+        finetune.pretrained_encoder(str(directory), model_config)

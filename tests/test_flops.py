@@ -32,13 +32,15 @@ def matmul_flops(jaxpr: jax.extend.core.Jaxpr) -> int:
 
 @pytest.mark.parametrize("mask_ratio", [0.75, 0.6])
 @pytest.mark.parametrize("baseline", [False, True], ids=["mae", "mask_tokens_in_encoder"])
-@pytest.mark.parametrize("variant", ["tiny", "B/16"])
+@pytest.mark.parametrize("variant", ["tiny", "B/16", "tiny 4-band"])
 def test_forward_flops_equal_the_models_matmuls(variant: str, baseline: bool, mask_ratio: float):
-    config = TINY if variant == "tiny" else MAEConfig.from_variant(variant)
+    config = TINY if variant.startswith("tiny") else MAEConfig.from_variant(variant)
+    if variant == "tiny 4-band":
+        config = dataclasses.replace(config, encoder=dataclasses.replace(config.encoder, num_channels=4))
     config = dataclasses.replace(config, mask_tokens_in_encoder=baseline)
     graphdef, state = nnx.split(nnx.eval_shape(lambda: MAE(config, rngs=nnx.Rngs(0))))
-    size = config.encoder.image_size
-    images = jax.ShapeDtypeStruct((2, size, size, 3), jax.numpy.float32)
+    size, channels = config.encoder.image_size, config.encoder.num_channels
+    images = jax.ShapeDtypeStruct((2, size, size, channels), jax.numpy.float32)
     jaxpr = jax.make_jaxpr(lambda s, x: nnx.merge(graphdef, s)(x, mask_ratio, key=jax.random.key(0)).loss)(
         state, images
     )

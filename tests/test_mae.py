@@ -76,7 +76,7 @@ def test_loss_matches_numpy(norm_pix: bool):
 def test_forward_shapes_and_noise_determines_everything(tiny_model: MAE):
     images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
     first = tiny_model(images, key=jax.random.key(5))
-    again = tiny_model(images, noise=tiny_model.draw_noise(jax.random.key(5), 2))
+    again = tiny_model(images, noise=tiny_model.draw_noise(jax.random.key(5), 2, 0.75))
     other = tiny_model(images, key=jax.random.key(6))
     assert first.pred.shape == (2, 16, 8 * 8 * 3) and first.mask.shape == (2, 16)
     assert first.latent.shape == (2, 1 + 4, 64)

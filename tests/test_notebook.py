@@ -33,6 +33,6 @@ def test_notebook_draws_reconstructions(tiny_model: MAE, tmp_path: pathlib.Path,
     code = [cell for cell in notebook.cells if cell.cell_type == "code"]
     assert "ViT mu/8 MAE at 32 px" in "".join(out.get("text", "") for out in code[2].outputs)
     figures = [cell for cell in code if any("image/png" in out.get("data", {}) for out in cell.outputs)]
-    assert len(figures) == 3  # the input image, one mask ratio, several
+    assert len(figures) == 4  # the input image, one mask ratio, several, the three masking strategies
     width, height = Image.open(figure).size
     assert width / height == pytest.approx(12 / (3 * 3.2), rel=0.02)  # 4 columns by 3 mask ratios

@@ -125,7 +125,7 @@ class OfficialClassifier(torch.nn.Module):
         self.cls_token = torch.nn.Parameter(torch.zeros(1, 1, width))
         self.pos_embed = torch.nn.Parameter(torch.zeros(1, 1 + config.num_patches, width))
         self.patch_embed = torch.nn.Module()
-        self.patch_embed.proj = torch.nn.Conv2d(3, width, config.patch_size, config.patch_size)
+        self.patch_embed.proj = torch.nn.Conv2d(config.num_channels, width, config.patch_size, config.patch_size)
         self.blocks = torch.nn.ModuleList([OfficialBlock(width) for _ in range(config.depth)])
         self.fc_norm = torch.nn.LayerNorm(width, eps=1e-6)
         self.head = torch.nn.Linear(width, num_classes)

@@ -162,6 +162,8 @@ REFUSED = [  # (overrides, what the one-line error says)
     ({"mask_ratio": 0.5}, "mask_ratio: 0.75 in the checkpoint, 0.5 now"),
     ({"model.mask_tokens_in_encoder": True}, "model.mask_tokens_in_encoder: False in the checkpoint, True now"),
     ({"model.norm_pix_loss": False}, "model.norm_pix_loss: True in the checkpoint, False now"),
+    ({"model.masking": "block"}, "model.masking: 'random' in the checkpoint, 'block' now"),
+    ({"dataset.mean": (0.5, 0.5, 0.5)}, "dataset.mean: [0.485, 0.456, 0.406] in the checkpoint, [0.5, 0.5, 0.5] now"),
     ({"base_lr": 1e-3}, "base_lr: 0.002 in the checkpoint, 0.001 now"),
     ({"min_lr": 1e-6}, "min_lr: 0.0 in the checkpoint, 1e-06 now"),
     ({"weight_decay": 0.0}, "weight_decay: 0.05 in the checkpoint, 0.0 now"),

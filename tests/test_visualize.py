@@ -78,6 +78,20 @@ def test_rows_are_images_by_mask_ratio(params_dir: pathlib.Path, photos: list[st
         assert (masks[0] <= masks[1]).all()  # the same noise: 75 % removes what 50 % removed, and more
 
 
+def test_masking_flag_draws_each_strategys_masks(params_dir: pathlib.Path, photos: list[str], tmp_path: pathlib.Path):
+    """TINY is 4 x 4 patches: grid keeps patches 0, 2, 8 and 10; block and random each remove 12, differently."""
+    removed_by = {}
+    for masking in ("random", "block", "grid"):
+        out = tmp_path / f"{masking}.png"
+        visualize.main([f"--params={params_dir}", f"--images={photos[0]}", f"--masking={masking}", f"--out={out}"])
+        removed_by[masking] = removed(panel(np.asarray(Image.open(out)), 0, 1))
+        assert removed_by[masking].sum() == 12
+    np.testing.assert_array_equal(np.flatnonzero(~removed_by["grid"]), [0, 2, 8, 10])
+    assert (removed_by["block"] != removed_by["random"]).any()
+    with pytest.raises(SystemExit, match=r"grid masking keeps one patch of every 2 x 2: it needs mask ratio 0\.75"):
+        visualize.main([f"--params={params_dir}", "--masking=grid", "--mask_ratio=0.5", f"--out={tmp_path / 'x.png'}"])
+
+
 def test_demo_photos_by_default(params_dir: pathlib.Path, tmp_path: pathlib.Path, capsys: pytest.CaptureFixture):
     out = tmp_path / "demo.png"
     visualize.main([f"--params={params_dir}", f"--out={out}"])

@@ -213,7 +213,7 @@ def _vit_config_json(encoder: EncoderConfig) -> dict[str, Any]:
         "qkv_bias": True,
         "image_size": encoder.image_size,
         "patch_size": encoder.patch_size,
-        "num_channels": 3,
+        "num_channels": encoder.num_channels,
         "hidden_dropout_prob": 0.0,
         "attention_probs_dropout_prob": 0.0,
         "dtype": "float32",
@@ -307,8 +307,8 @@ def read_config(
         raise ConvertError(f"config.json's hidden_act is {act!r}: mae_jax's MLP computes the exact (erf) GELU, 'gelu'")
     if _setting(hf_config, "qkv_bias") is not True:
         raise ConvertError("config.json's qkv_bias is not true: mae_jax's attention has q, k and v biases")
-    if (channels := _setting(hf_config, "num_channels")) != 3:
-        raise ConvertError(f"config.json's num_channels is {channels}: mae_jax's ViT reads RGB images (3 channels)")
+    if (channels := _setting(hf_config, "num_channels")) < 1:
+        raise ConvertError(f"config.json's num_channels is {channels}: an image has at least 1 channel")
     image_size, patch_size = _square(hf_config, "image_size"), _square(hf_config, "patch_size")
     if image_size % patch_size:
         raise ConvertError(f"config.json's image_size {image_size} is not a multiple of its patch_size {patch_size}")
@@ -322,6 +322,7 @@ def read_config(
         _setting(hf_config, "num_hidden_layers"),
         _setting(hf_config, "num_attention_heads"),
         hidden // width,
+        num_channels=channels,
     )
     if model_type == "vit":
         return architecture, MAEConfig(encoder, norm_pix_loss=True if norm_pix_loss is None else norm_pix_loss)

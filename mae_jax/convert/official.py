@@ -35,7 +35,7 @@ ARRAY, LINEAR, CONV, NORM = "array", "linear", "conv", "norm"
 PARAMS_OF_KIND: dict[str, tuple[tuple[str, str, tuple[int, ...] | None], ...]] = {
     ARRAY: (("", "", None),),  # cls/mask tokens and position tables: same shape on both sides
     LINEAR: (("weight", "kernel", (1, 0)), ("bias", "bias", None)),  # torch (out, in) -> flax (in, out)
-    CONV: (("weight", "kernel", (2, 3, 1, 0)), ("bias", "bias", None)),  # torch (D, 3, p, p) -> flax (p, p, 3, D)
+    CONV: (("weight", "kernel", (2, 3, 1, 0)), ("bias", "bias", None)),  # torch (D, C, p, p) -> flax (p, p, C, D)
     NORM: (("weight", "scale", None), ("bias", "bias", None)),
 }
 
@@ -267,7 +267,7 @@ def infer_config(
     Head counts are not visible in the weights: the encoder's come from `num_heads`, the variant, or the known
     variants of that width and depth; the decoder's from `decoder_heads` (16 in every official model). Whether
     the file was trained with norm-pix targets is not visible either: pass `norm_pix_loss`. Files without a
-    decoder get the official 512-wide, 8-block decoder.
+    decoder get the official 512-wide, 8-block decoder. The channel count is the patch embedding's `in_chans`.
     """
     if variant is not None:
         encoder = EncoderConfig.from_variant(variant)
@@ -294,12 +294,28 @@ def infer_config(
         if grid * grid != num_patches:
             raise ValueError(f"pos_embed holds 1 + {num_patches} tokens, not 1 + G*G; pass the image size")
         image_size = grid * encoder.patch_size
-    encoder = dataclasses.replace(encoder, image_size=image_size)
+    encoder = dataclasses.replace(encoder, image_size=image_size, num_channels=_in_chans(state_dict, encoder))
     if "decoder_embed.weight" not in state_dict:
         return MAEConfig(encoder, decoder_heads=decoder_heads, norm_pix_loss=norm_pix_loss)
     decoder_width = state_dict["decoder_embed.weight"].shape[0]
     decoder_depth = _block_count(state_dict, "decoder_blocks")
     return MAEConfig(encoder, decoder_width, decoder_depth, decoder_heads, norm_pix_loss)
+
+
+def _in_chans(state_dict: Mapping[str, Any], encoder: EncoderConfig) -> int:
+    """The official model's `in_chans`: the patch embedding's input channels (3 when it is missing), which the
+    decoder's prediction (p * p * in_chans values per patch) must agree with."""
+    if "patch_embed.proj.weight" not in state_dict:
+        return encoder.num_channels
+    in_chans = state_dict["patch_embed.proj.weight"].shape[1]
+    if "decoder_pred.weight" in state_dict:
+        predicted = state_dict["decoder_pred.weight"].shape[0]
+        if predicted != encoder.patch_size**2 * in_chans:
+            raise ValueError(
+                f"decoder_pred predicts {predicted} values per patch, not patch {encoder.patch_size}^2 x in_chans "
+                f"{in_chans} (patch_embed.proj.weight)"
+            )
+    return in_chans
 
 
 def from_official(

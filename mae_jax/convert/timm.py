@@ -42,6 +42,7 @@ def vision_transformer_kwargs(encoder: EncoderConfig, state_dict: Mapping[str, n
         "depth": encoder.depth,
         "num_heads": encoder.num_heads,
         "mlp_ratio": encoder.mlp_ratio,
+        "in_chans": encoder.num_channels,
         "num_classes": 0,
         "global_pool": "token",
     }

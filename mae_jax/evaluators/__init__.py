@@ -23,10 +23,12 @@ import ml_collections
 from mae_jax.evaluators.base import Evaluator
 from mae_jax.evaluators.classification import ClassificationEvaluator
 from mae_jax.evaluators.knn import KnnEvaluator
+from mae_jax.evaluators.probe import ProbeEvaluator
 from mae_jax.evaluators.reconstruction import ReconstructionEvaluator
 
 EVALUATORS: dict[str, type[Evaluator]] = {
-    evaluator.name: evaluator for evaluator in (ReconstructionEvaluator, KnnEvaluator, ClassificationEvaluator)
+    evaluator.name: evaluator
+    for evaluator in (ReconstructionEvaluator, KnnEvaluator, ProbeEvaluator, ClassificationEvaluator)
 }
 
 

@@ -3,6 +3,7 @@ metric, as the official `engine_finetune.evaluate` reports it."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -17,10 +18,17 @@ from mae_jax.models.classifier import Classifier
 
 
 def _hit_counts(
-    graphdef: nnx.GraphDef, state: nnx.State, images: jax.Array, labels: jax.Array, valid: jax.Array, *, top: int
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    images: jax.Array,
+    labels: jax.Array,
+    valid: jax.Array,
+    *,
+    top: int,
+    stats: input_pipeline.PixelStats,
 ) -> dict[str, jax.Array]:
     """Counts of top-1 and top-`top` hits among the valid rows of one batch (padding rows are not counted)."""
-    logits = nnx.merge(graphdef, state)(input_pipeline.normalize(images))
+    logits = nnx.merge(graphdef, state)(input_pipeline.normalize(images, stats))
     best = jax.lax.top_k(logits, top)[1]
     return {
         "top1": jnp.sum((best[:, 0] == labels) & valid),
@@ -46,7 +54,10 @@ class ClassificationEvaluator(Evaluator):
         self._config, self._mesh = config, mesh
         self._top = min(5, config.num_classes)
         self._counts = jax.jit(
-            _hit_counts, static_argnums=0, static_argnames="top", out_shardings=sharding.replicated(mesh)
+            functools.partial(_hit_counts, stats=input_pipeline.pixel_stats(config.dataset)),
+            static_argnums=0,
+            static_argnames="top",
+            out_shardings=sharding.replicated(mesh),
         )
         self._skipped = input_pipeline.SkippedImages()
 
@@ -67,6 +78,7 @@ class ClassificationEvaluator(Evaluator):
             num_threads=self._config.input.num_threads,
             skipped=self._skipped,
             num_classes=self._config.num_classes,
+            num_channels=self._config.num_channels,
         ):
             counts = jax.device_get(self._counts(graphdef, state, *arrays, top=self._top))
             totals = {k: totals[k] + int(counts[k]) for k in totals}

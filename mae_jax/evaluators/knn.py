@@ -14,13 +14,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax import nnx
 
-from mae_jax import input_pipeline, sharding
 from mae_jax.evaluators import eval_input
 from mae_jax.evaluators.base import Evaluator
 from mae_jax.models.mae import MAE
-from mae_jax.models.vit import Encoder
 
 
 def _l2_normalize(x: jax.Array) -> jax.Array:
@@ -68,64 +65,22 @@ def knn_classify(
     )
 
 
-def _cls_features(
-    graphdef: nnx.GraphDef, state: nnx.State, images: jax.Array, labels: jax.Array, valid: jax.Array
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    encoder = nnx.merge(graphdef, state)
-    return encoder(input_pipeline.normalize(images))[:, 0].astype(jnp.float32), labels, valid
-
-
 class KnnEvaluator(Evaluator):
     """kNN top-1 of an MAE's encoder on `evals.knn`'s splits of `config.dataset`; every host computes the same
     number.
 
     The sources are opened here, so a missing split or unlabeled data fails at start. Each split is a subset
-    of `num_train` / `num_eval` examples drawn with `config.seed` (`input_pipeline.sample_subset`: stratified
-    by class where labels are cheap), the same at every evaluation, on every host. Each host feeds its rows of
-    a global batch (`eval_input.global_batches`); features come back replicated to every host.
+    of `num_train` / `num_eval` examples drawn with `config.seed` (`eval_input.labeled_subsets`: stratified
+    by class where labels are cheap), the same at every evaluation, on every host; `features` extracts their
+    cls features (`eval_input.ClsFeatures`), replicated to every host.
     """
 
     name = "knn"
 
     def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, source: Sequence):
         super().__init__(config, mesh, source)
-        knn = self.settings
-        self._image_size, self._num_threads, self._mesh = config.image_size, config.input.num_threads, mesh
-        self._train = input_pipeline.sample_subset(
-            self._labeled_split(config.dataset, knn.train_split), knn.num_train, config.seed
-        )
-        self._test = input_pipeline.sample_subset(
-            self._labeled_split(config.dataset, knn.eval_split), knn.num_eval, config.seed
-        )
-        input_pipeline.check_same_classes(self._train, self._test)
-        self._features = jax.jit(_cls_features, static_argnums=0, out_shardings=sharding.replicated(mesh))
-        self._skipped = input_pipeline.SkippedImages()
-
-    @staticmethod
-    def _labeled_split(dataset: ml_collections.ConfigDict, split: str) -> Sequence:
-        source = eval_input.open_split(dataset, split)
-        if source[0]["label"] == input_pipeline.NO_LABEL:
-            raise input_pipeline.DatasetNotFoundError(
-                f"knn: {dataset.source}:{dataset.name} split {split!r} has no labels; set evals.knn.every_steps=0"
-            )
-        return source
-
-    def features(self, encoder: Encoder, source: Sequence) -> tuple[np.ndarray, np.ndarray]:
-        """(features, labels) of the source's readable examples, on every host."""
-        graphdef, state = nnx.split(encoder)
-        features, labels = [], []
-        for arrays in eval_input.global_batches(
-            source,
-            self._mesh,
-            self._image_size,
-            self.settings.batch_size,
-            num_threads=self._num_threads,
-            skipped=self._skipped,
-        ):
-            batch_features, batch_labels, valid = jax.device_get(self._features(graphdef, state, *arrays))
-            features.append(batch_features[valid])
-            labels.append(batch_labels[valid])
-        return np.concatenate(features), np.concatenate(labels)
+        self._train, self._test = eval_input.labeled_subsets(config, self.name)
+        self.features = eval_input.ClsFeatures(config, mesh, self.settings.batch_size)
 
     def run(self, model: MAE) -> dict[str, float]:
         """{"knn_top1": accuracy in [0, 1]} of the MAE encoder's current features."""

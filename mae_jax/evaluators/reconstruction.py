@@ -20,10 +20,11 @@ from mae_jax.models.mae import MAE, NORM_PIX_EPS
 from mae_jax.models.vit import patchify, unpatchify
 
 COLUMNS = ("original", "masked", "reconstruction", "reconstruction + visible")
+RGB_BANDS = (0, 1, 2)  # the image bands a grid shows as red, green and blue
 
 
 def reconstruction_panels(model: MAE, images: jax.Array, mask_ratio: float, noise: jax.Array) -> jax.Array:
-    """(N, 4, H, W, 3) normalized images, one per COLUMNS entry, of normalized `images` masked by `noise`."""
+    """(N, 4, H, W, C) normalized images, one per COLUMNS entry, of normalized `images` masked by `noise`."""
     patch_size = model.config.encoder.patch_size
     out = model(images, mask_ratio, noise=noise)
     pred = out.pred
@@ -38,7 +39,7 @@ def reconstruction_panels(model: MAE, images: jax.Array, mask_ratio: float, nois
 
 
 def make_reconstruct_fn(graphdef: nnx.GraphDef, mask_ratio: float) -> Callable[..., jax.Array]:
-    """Jitted (params, fixed, images, noise) -> (N, 4, H, W, 3) normalized images, one per COLUMNS entry."""
+    """Jitted (params, fixed, images, noise) -> (N, 4, H, W, C) normalized images, one per COLUMNS entry."""
 
     @jax.jit
     def reconstruct(params: nnx.State, fixed: nnx.State, images: jax.Array, noise: jax.Array) -> jax.Array:
@@ -47,14 +48,25 @@ def make_reconstruct_fn(graphdef: nnx.GraphDef, mask_ratio: float) -> Callable[.
     return reconstruct
 
 
-def grid(panels: np.ndarray, pad: int = 2) -> np.ndarray:
-    """(N, C, H, W, 3) normalized panels -> one uint8 image, a row per sample, a column per panel kind."""
-    n, c, h, w, _ = panels.shape
-    canvas = np.ones((n * (h + pad) + pad, c * (w + pad) + pad, 3), np.float32)
+def grid(
+    panels: np.ndarray,
+    pad: int = 2,
+    stats: input_pipeline.PixelStats = input_pipeline.IMAGENET_STATS,
+    bands: Sequence[int] = RGB_BANDS,
+) -> np.ndarray:
+    """(N, K, H, W, C) panels normalized with `stats` -> one (H', W', 3) uint8 image, a row per sample, a column
+    per panel kind.
+
+    The image's `bands` show as red, green and blue; with fewer than 3 bands they wrap around, so a grayscale
+    image (one band) shows as gray.
+    """
+    n, k, h, w, channels = panels.shape
+    shown = [band % channels for band in bands] if channels < 3 else list(bands)
+    canvas = np.ones((n * (h + pad) + pad, k * (w + pad) + pad, 3), np.float32)
     for i in range(n):
-        for j in range(c):
+        for j in range(k):
             top, left = pad + i * (h + pad), pad + j * (w + pad)
-            canvas[top : top + h, left : left + w] = denormalize(panels[i, j])
+            canvas[top : top + h, left : left + w] = denormalize(panels[i, j], stats)[:, :, shown]
     return (canvas * 255).round().astype(np.uint8)
 
 
@@ -74,7 +86,8 @@ class ReconstructionEvaluator(Evaluator):
     """The reconstruction grid of `evals.reconstruction.num_images` training images, to TensorBoard.
 
     The images (the source's first readable ones, center-cropped) and the masking noise are the same at
-    every evaluation, so successive grids show the model's progress alone. The noise comes from the
+    every evaluation, so successive grids show the model's progress alone; multi-band images show through
+    `evals.reconstruction.bands`. The noise comes from the
     model's own `draw_noise`, so a model that masks otherwise shows its own masks.
     """
 
@@ -82,9 +95,11 @@ class ReconstructionEvaluator(Evaluator):
 
     def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, source: Sequence):
         super().__init__(config, mesh, source)
-        self._images = input_pipeline.normalize(
-            input_pipeline.fixed_eval_images(source, self.settings.num_images, config.image_size)
+        self._stats = input_pipeline.pixel_stats(config.dataset)
+        images = input_pipeline.fixed_eval_images(
+            source, self.settings.num_images, config.image_size, config.num_channels
         )
+        self._images = input_pipeline.normalize(images, self._stats)
         self._noise_key = jax.random.key(config.seed + 2)
         self._mask_ratio = config.mask_ratio
         self._panels = jax.jit(_panels, static_argnums=(0, 4), out_shardings=sharding.replicated(mesh))
@@ -92,6 +107,6 @@ class ReconstructionEvaluator(Evaluator):
     def run(self, model: MAE) -> dict[str, np.ndarray]:
         """{"reconstruction": the grid, (H, W, 3) uint8}: a row per image, a column per COLUMNS entry."""
         graphdef, state = nnx.split(model)
-        noise = model.draw_noise(self._noise_key, len(self._images))
+        noise = model.draw_noise(self._noise_key, len(self._images), self._mask_ratio)
         panels = self._panels(graphdef, state, self._images, noise, self._mask_ratio)
-        return {"reconstruction": grid(np.asarray(panels))}
+        return {"reconstruction": grid(np.asarray(panels), stats=self._stats, bands=self.settings.bands)}

@@ -7,6 +7,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from mae_jax.models.vit import (
@@ -41,6 +42,10 @@ class MAEConfig:
     mask_tokens_in_encoder: bool = False
     masking: str = "random"  # how the noise that picks the removed patches is drawn: a key of MASKINGS
 
+    def __post_init__(self):
+        if self.masking not in MASKINGS:
+            raise ValueError(f"masking={self.masking!r} must be one of {sorted(MASKINGS)}")
+
     @classmethod
     def from_variant(cls, variant: str, image_size: int = 224, num_channels: int = 3, **decoder_and_loss) -> MAEConfig:
         return cls(EncoderConfig.from_variant(variant, image_size, num_channels), **decoder_and_loss)
@@ -73,6 +78,90 @@ class Masking(NamedTuple):
 
 def num_kept(num_patches: int, mask_ratio: float) -> int:
     return int(num_patches * (1 - mask_ratio))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Masking strategies: each is a way to draw the (N, L) noise whose smallest floor(L * (1 - ratio)) entries
+# are kept, so that the argsort, the encoder on kept tokens and the decoder stay one code path.
+# ---------------------------------------------------------------------------------------------------
+def random_noise(key: jax.Array, batch_size: int, grid_size: int, mask_ratio: float) -> jax.Array:
+    """Uniform noise: every patch equally likely to go, the paper's masking and the official draw."""
+    del mask_ratio  # the kept count comes from the argsort alone
+    return jax.random.uniform(key, (batch_size, grid_size**2))
+
+
+# BEiT's block-wise masking generator (Bao et al. 2021, `MaskingGenerator`): rectangles of at least
+# BEIT_MIN_BLOCK of a 14 x 14 grid's patches (scaled here to the grid's size), aspect ratio log-uniform in
+# [BEIT_MIN_ASPECT, 1 / BEIT_MIN_ASPECT], placed until the mask holds the patches to remove.
+BEIT_MIN_BLOCK, BEIT_GRID_PATCHES, BEIT_MIN_ASPECT = 16, 196, 0.3
+# Placement attempts per image: BEiT stops after 10 failures in a row; a fixed count keeps it one XLA loop.
+BLOCK_ATTEMPTS = 100
+
+
+def min_block_patches(num_patches: int) -> int:
+    """BEiT's smallest block (16 of 196 patches), as the same share of a grid of `num_patches`."""
+    return max(1, round(BEIT_MIN_BLOCK * num_patches / BEIT_GRID_PATCHES))
+
+
+def block_mask(key: jax.Array, grid_size: int, num_masked: int) -> jax.Array:
+    """One (grid, grid) bool mask of BEiT-style blocks holding at most `num_masked` patches.
+
+    Each attempt draws a block's area uniformly between the smallest block and the patches still to mask,
+    its aspect log-uniformly, and a position uniformly; it is placed if it fits the grid and adds between 1
+    and the still-missing number of patches, as in BEiT. Patches the attempts leave missing (the last gap
+    can be smaller than any block) are filled by `block_noise` at random.
+    """
+    min_block = min_block_patches(grid_size**2)
+    rows, cols = jnp.arange(grid_size)[:, None], jnp.arange(grid_size)[None, :]
+    log_aspect = (np.log(BEIT_MIN_ASPECT), -np.log(BEIT_MIN_ASPECT))
+
+    def attempt(key: jax.Array, mask: jax.Array) -> jax.Array:
+        area_key, aspect_key, top_key, left_key = jax.random.split(key, 4)
+        missing = num_masked - mask.sum()
+        # Python's random.uniform(a, b) = a + (b - a) * U, also for b < a, as BEiT calls it
+        area = min_block + (missing - min_block) * jax.random.uniform(area_key)
+        aspect = jnp.exp(jax.random.uniform(aspect_key, minval=log_aspect[0], maxval=log_aspect[1]))
+        height = jnp.round(jnp.sqrt(area * aspect)).astype(jnp.int32)
+        width = jnp.round(jnp.sqrt(area / aspect)).astype(jnp.int32)
+        top = jax.random.randint(top_key, (), 0, jnp.maximum(grid_size - height + 1, 1))
+        left = jax.random.randint(left_key, (), 0, jnp.maximum(grid_size - width + 1, 1))
+        block = (rows >= top) & (rows < top + height) & (cols >= left) & (cols < left + width)
+        added = (block & ~mask).sum()
+        fits = (height < grid_size) & (width < grid_size) & (added > 0) & (added <= missing)
+        return mask | (block & fits)
+
+    keys = jax.random.split(key, BLOCK_ATTEMPTS)
+    mask, _ = jax.lax.scan(lambda mask, key: (attempt(key, mask), None), jnp.zeros((grid_size,) * 2, bool), keys)
+    return mask
+
+
+def block_noise(key: jax.Array, batch_size: int, grid_size: int, mask_ratio: float) -> jax.Array:
+    """Noise in [0, 1) on kept patches and [1, 2) on each image's `block_mask`: the blocks go first; patches
+    still missing are the kept ones of largest noise, i.e. random."""
+    num_patches = grid_size**2
+    block_key, jitter_key = jax.random.split(key)
+    num_masked = num_patches - num_kept(num_patches, mask_ratio)
+    masks = jax.vmap(lambda key: block_mask(key, grid_size, num_masked))(jax.random.split(block_key, batch_size))
+    return jax.random.uniform(jitter_key, (batch_size, num_patches)) + masks.reshape(batch_size, -1)
+
+
+def grid_pattern(grid_size: int) -> np.ndarray:
+    """(grid * grid,) bool: the top-left patch of every 2 x 2 cell, the paper's grid-wise sampling."""
+    rows, cols = np.meshgrid(np.arange(grid_size), np.arange(grid_size), indexing="ij")
+    return ((rows % 2 == 0) & (cols % 2 == 0)).reshape(-1)
+
+
+def grid_noise(key: jax.Array, batch_size: int, grid_size: int, mask_ratio: float) -> jax.Array:
+    """Noise in [0, 1) on `grid_pattern` and [1, 2) elsewhere: on an even grid at ratio 0.75 exactly the
+    pattern is kept (configuration.validate holds runs to that)."""
+    del mask_ratio
+    pattern = jnp.asarray(grid_pattern(grid_size))
+    return jax.random.uniform(key, (batch_size, grid_size**2)) + ~pattern
+
+
+# model.masking -> its noise: (key, batch_size, grid_size, mask_ratio) -> (N, L)
+MASKINGS = {"random": random_noise, "block": block_noise, "grid": grid_noise}
+GRID_MASK_RATIO = 0.75
 
 
 def random_masking(noise: jax.Array, mask_ratio: float) -> Masking:
@@ -139,9 +228,10 @@ class MAE(nnx.Module):
         if config.mask_tokens_in_encoder:
             self.encoder_mask_token = nnx.Param(token_init(rngs.params(), (1, 1, config.encoder.width)))
 
-    def draw_noise(self, key: jax.Array, batch_size: int) -> jax.Array:
-        """Per-sample uniform noise that fully determines the mask, as the official forward draws it."""
-        return jax.random.uniform(key, (batch_size, self.config.encoder.num_patches))
+    def draw_noise(self, key: jax.Array, batch_size: int, mask_ratio: float) -> jax.Array:
+        """Per-sample noise that fully determines the mask, drawn as `config.masking` says (`MASKINGS`);
+        "random" draws it as the official forward does."""
+        return MASKINGS[self.config.masking](key, batch_size, self.config.encoder.grid_size, mask_ratio)
 
     def __call__(
         self,
@@ -155,7 +245,7 @@ class MAE(nnx.Module):
         if noise is None:
             if key is None:
                 raise ValueError("MAE needs the masking noise or a PRNG key to draw it: pass noise= or key=")
-            noise = self.draw_noise(key, images.shape[0])
+            noise = self.draw_noise(key, images.shape[0], mask_ratio)
         patches = patchify(images, self.config.encoder.patch_size)
         masking = random_masking(noise, mask_ratio)
         if self.config.mask_tokens_in_encoder:
