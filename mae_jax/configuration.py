@@ -325,46 +325,38 @@ def _validate_pretraining(config: ml_collections.ConfigDict, num_patches: int) -
 
 def _validate_knn(config: ml_collections.ConfigDict) -> None:
     knn = config.evals.knn
-    for key, valid, rule in (
-        ("every_steps", knn.every_steps >= 0, ">= 0"),
-        ("k", knn.k >= 1, ">= 1"),
-        ("temperature", knn.temperature > 0, "> 0"),
-    ):
-        if not valid:
-            raise ConfigError(f"evals.knn.{key}={knn[key]} must be {rule}")
-    if knn.every_steps == 0:
-        return
-    if config.dataset.source == "demo":
-        raise ConfigError("evals.knn.every_steps > 0 needs labeled data: dataset.source='demo' has no labels")
-    if knn.num_train < 1 or knn.num_eval < 1:
-        raise ConfigError(f"evals.knn.num_train={knn.num_train} and evals.knn.num_eval={knn.num_eval} must be >= 1")
-    if knn.batch_size < 1 or knn.batch_size % jax.device_count():
-        raise ConfigError(
-            f"evals.knn.batch_size={knn.batch_size} is not a positive multiple of the {jax.device_count()} devices"
-        )
+    rules = (("k", knn.k >= 1, ">= 1"), ("temperature", knn.temperature > 0, "> 0"))
+    _validate_labeled_evaluation(config, "knn", rules)
 
 
 def _validate_probe(config: ml_collections.ConfigDict) -> None:
     probe = config.evals.probe
-    for key, valid, rule in (
-        ("every_steps", probe.every_steps >= 0, ">= 0"),
+    rules = (
         ("epochs", probe.epochs >= 1, ">= 1"),
         ("head_batch_size", probe.head_batch_size >= 1, ">= 1"),
         ("learning_rate", probe.learning_rate > 0, "> 0"),
-    ):
+    )
+    _validate_labeled_evaluation(config, "probe", rules)
+
+
+def _validate_labeled_evaluation(config: ml_collections.ConfigDict, name: str, rules: tuple) -> None:
+    """An evaluator on labeled subsets of the run's dataset (kNN, the online probe): `every_steps` and its own
+    `rules` ((key, valid, rule) each), then, when it is on, the labeled data and subsets it reads."""
+    block = config.evals[name]
+    for key, valid, rule in (("every_steps", block.every_steps >= 0, ">= 0"), *rules):
         if not valid:
-            raise ConfigError(f"evals.probe.{key}={probe[key]} must be {rule}")
-    if probe.every_steps == 0:
+            raise ConfigError(f"evals.{name}.{key}={block[key]} must be {rule}")
+    if block.every_steps == 0:
         return
     if config.dataset.source == "demo":
-        raise ConfigError("evals.probe.every_steps > 0 needs labeled data: dataset.source='demo' has no labels")
-    if probe.num_train < 1 or probe.num_eval < 1:
+        raise ConfigError(f"evals.{name}.every_steps > 0 needs labeled data: dataset.source='demo' has no labels")
+    if block.num_train < 1 or block.num_eval < 1:
         raise ConfigError(
-            f"evals.probe.num_train={probe.num_train} and evals.probe.num_eval={probe.num_eval} must be >= 1"
+            f"evals.{name}.num_train={block.num_train} and evals.{name}.num_eval={block.num_eval} must be >= 1"
         )
-    if probe.batch_size < 1 or probe.batch_size % jax.device_count():
+    if block.batch_size < 1 or block.batch_size % jax.device_count():
         raise ConfigError(
-            f"evals.probe.batch_size={probe.batch_size} is not a positive multiple of the {jax.device_count()} devices"
+            f"evals.{name}.batch_size={block.batch_size} is not a positive multiple of the {jax.device_count()} devices"
         )
 
 
