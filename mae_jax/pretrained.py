@@ -77,24 +77,47 @@ def _from_hf_dir(directory: epath.Path, norm_pix_loss: bool | None) -> tuple[MAE
         raise PretrainedError(f"{directory}: {error}") from error
 
 
+def _read_only_manager(workdir: epath.Path) -> ocp.CheckpointManager:
+    # What read_only implies anyway; given explicitly, orbax does not warn about each.
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
+    return ocp.CheckpointManager(epath.Path(workdir).absolute() / "checkpoints", options=options)
+
+
+def _newest_run(manager: ocp.CheckpointManager) -> tuple[int, ml_collections.ConfigDict] | None:
+    """(step, run config) of the newest complete checkpoint, keys added since the run at their defaults."""
+    step = manager.latest_step()
+    if step is None:
+        return None
+    saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+    task = saved.get("task", "pretrain")
+    config = configuration.base_config() if task == "pretrain" else configuration.downstream_config(task)
+    config.update(ml_collections.ConfigDict(saved))
+    return step, config
+
+
+def run_config(workdir: str | epath.Path) -> ml_collections.ConfigDict | None:
+    """The config a training workdir's newest checkpoint was saved with; None where `workdir` holds none."""
+    if not (epath.Path(workdir) / "checkpoints").is_dir():
+        return None
+    with _read_only_manager(workdir) as manager:
+        newest = _newest_run(manager)
+    return None if newest is None else newest[1]
+
+
 def _from_workdir(workdir: epath.Path) -> tuple[MAEConfig, nnx.State]:
     """Parameters of the newest checkpoint, without the optimizer state, onto this process's first device.
 
     Read-only: a running job's workdir is left as it is. The target sharding lets a checkpoint written on a
     pod restore onto one device.
     """
-    # What read_only implies anyway; given explicitly, orbax does not warn about each.
-    options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
-    with ocp.CheckpointManager(workdir.absolute() / "checkpoints", options=options) as manager:
-        step = manager.latest_step()
-        if step is None:
+    with _read_only_manager(workdir) as manager:
+        newest = _newest_run(manager)
+        if newest is None:
             raise PretrainedError(f"{workdir}/checkpoints holds no complete checkpoint yet")
-        saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
-        if saved.get("task", "pretrain") != "pretrain":
-            raise PretrainedError(f"{workdir} is a {saved['task']} run, not MAE pretraining")
-        run_config = configuration.base_config()
-        run_config.update(ml_collections.ConfigDict(saved))  # keys added since the run keep their defaults
-        config = configuration.model_config(run_config)
+        step, run = newest
+        if run.task != "pretrain":
+            raise PretrainedError(f"{workdir} is a {run.task} run, not MAE pretraining")
+        config = configuration.model_config(run)
         _, params, fixed = nnx.split(nnx.eval_shape(lambda: MAE(config, rngs=nnx.Rngs(0))), nnx.Param, ...)
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         target = jax.tree.map(

@@ -18,13 +18,11 @@ import sys
 from collections.abc import Sequence
 
 import jax
-import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
-from mae_jax import configuration, input_pipeline, pretrained
+from mae_jax import input_pipeline, pretrained
 from mae_jax.evaluators import reconstruction
 from mae_jax.models.mae import GRID_MASK_RATIO, MAE, MASKINGS, MAEConfig, num_kept
 
@@ -60,18 +58,8 @@ def load_model(path: str, norm_pix_loss: bool | None = None) -> MAE:
 # ---------------------------------------------------------------------------------------------------
 def run_stats(path: str) -> input_pipeline.PixelStats | None:
     """The `dataset.mean` / `std` a training workdir's newest checkpoint was trained with; None elsewhere."""
-    checkpoints = epath.Path(path).absolute() / "checkpoints"
-    if not checkpoints.is_dir():
-        return None
-    options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
-    with ocp.CheckpointManager(checkpoints, options=options) as manager:
-        step = manager.latest_step()
-        if step is None:
-            return None
-        saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
-    run_config = configuration.base_config()
-    run_config.dataset.update(ml_collections.ConfigDict(saved.get("dataset", {})))  # older runs: ImageNet's
-    return input_pipeline.pixel_stats(run_config.dataset)
+    config = pretrained.run_config(path)
+    return None if config is None else input_pipeline.pixel_stats(config.dataset)
 
 
 def pixel_stats(
