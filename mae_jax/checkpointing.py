@@ -199,6 +199,8 @@ RUN_KEYS = (
     "b1",
     "b2",
     "layer_decay",
+    "augment.crop",
+    "augment.crop_scale",
     "augment.rand_augment",
     "augment.mixup",
     "augment.cutmix",

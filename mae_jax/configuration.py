@@ -28,6 +28,7 @@ class ConfigError(ValueError):
 
 
 TASKS = ("pretrain", "finetune", "linprobe")
+CROPS = ("random", "center")  # `augment.crop`: the downstream tasks' training views
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -165,6 +166,11 @@ def downstream_config(task: str) -> ml_collections.ConfigDict:
     config.layer_decay = 0.65 if finetune else 1.0  # layer-wise lr decay; 0.75 for L/H
 
     config.augment = ml_collections.ConfigDict()
+    # Training views: "random" crops of `crop_scale` of the area (torchvision's default range) and flips, as the
+    # official recipes; "center" trains on the evaluation's resize + center crop itself, unflipped (the linear
+    # probes of CLIP and others, which train on features without augmentation)
+    config.augment.crop = "random"
+    config.augment.crop_scale = (0.08, 1.0)
     config.augment.rand_augment = finetune  # RandAugment rand-m9-mstd0.5-inc1
     config.augment.mixup = 0.8 if finetune else 0.0  # Beta(alpha, alpha); 0 switches it off
     config.augment.cutmix = 1.0 if finetune else 0.0
@@ -372,6 +378,13 @@ def _validate_downstream(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(
             f"augment.rand_augment needs num_channels 1 or 3 (its PIL ops take L or RGB images), not "
             f"{config.num_channels}"
+        )
+    if augment.crop not in CROPS:
+        raise ConfigError(f"augment.crop={augment.crop!r} must be one of {CROPS}")
+    low, high = augment.crop_scale
+    if not 0 < low <= high <= 1:
+        raise ConfigError(
+            f"augment.crop_scale={tuple(augment.crop_scale)} must be (low, high) with 0 < low <= high <= 1"
         )
     if min(augment.mixup, augment.cutmix, augment.label_smoothing, augment.random_erasing) < 0:
         raise ConfigError("augment.mixup, cutmix, label_smoothing and random_erasing must be >= 0")

@@ -539,10 +539,16 @@ def resize_crops(canvases: jax.Array, crops: jax.Array, size: int) -> jax.Array:
     return jax.vmap(resize)(canvases, crops)
 
 
-def finetune_transform(image: np.ndarray, rng: np.random.Generator, size: int, rand_augment: bool) -> np.ndarray:
+def finetune_transform(
+    image: np.ndarray,
+    rng: np.random.Generator,
+    size: int,
+    rand_augment: bool,
+    scale: tuple[float, float] = FINETUNE_CROP_SCALE,
+) -> np.ndarray:
     """The official fine-tuning training transform (timm, with `rand_augment`: rand-m9-mstd0.5-inc1):
-    RandomResizedCrop(size, scale 0.08-1, bicubic) + flip; random erasing runs on the device."""
-    image = pretrain_transform(image, rng, size, FINETUNE_CROP_SCALE)
+    RandomResizedCrop(size, scale 0.08-1 by default, bicubic) + flip; random erasing runs on the device."""
+    image = pretrain_transform(image, rng, size, scale)
     return _rand_augment(image, rng) if rand_augment else image
 
 
@@ -571,20 +577,38 @@ def single_draw_crop_box(
     return left, top, left + crop_w, top + crop_h
 
 
-def linprobe_transform(image: np.ndarray, rng: np.random.Generator, size: int, rand_augment: bool) -> np.ndarray:
+def linprobe_transform(
+    image: np.ndarray,
+    rng: np.random.Generator,
+    size: int,
+    rand_augment: bool,
+    scale: tuple[float, float] = FINETUNE_CROP_SCALE,
+) -> np.ndarray:
     """The official linear-probing training transform (`main_linprobe.py`): the single-draw crop
-    (`single_draw_crop_box`, scale 0.08-1) resized to `size` (bicubic), then a horizontal flip; RandAugment
-    only if `augment.rand_augment` asks for it (the official probe has none)."""
-    left, top, right, bottom = single_draw_crop_box(rng, *image.shape[:2])
+    (`single_draw_crop_box`, scale 0.08-1 by default) resized to `size` (bicubic), then a horizontal flip;
+    RandAugment only if `augment.rand_augment` asks for it (the official probe has none)."""
+    left, top, right, bottom = single_draw_crop_box(rng, *image.shape[:2], scale)
     image = bicubic_resize(image[top:bottom, left:right], size)
     image = image[:, ::-1] if rng.random() < 0.5 else image
     return _rand_augment(image, rng) if rand_augment else image
 
 
 def classifier_train_transform(config: ml_collections.ConfigDict) -> Transform:
-    """The training transform of `config.task`: fine-tuning's (10-try crop) or linear probing's (single draw)."""
+    """The training transform of `config.task` and `augment.crop`: with "random", fine-tuning's (10-try crop)
+    or linear probing's (single draw) crop of `augment.crop_scale` of the image's area, then a flip; with
+    "center", the evaluation's own view (`eval_transform`), unflipped. RandAugment follows either where asked."""
+    augment = config.augment
+    if augment.crop == "center":
+        return functools.partial(_center_view, size=config.image_size, rand_augment=augment.rand_augment)
     transform = linprobe_transform if config.task == LINPROBE else finetune_transform
-    return functools.partial(transform, size=config.image_size, rand_augment=config.augment.rand_augment)
+    return functools.partial(
+        transform, size=config.image_size, rand_augment=augment.rand_augment, scale=tuple(augment.crop_scale)
+    )
+
+
+def _center_view(image: np.ndarray, rng: np.random.Generator, size: int, rand_augment: bool) -> np.ndarray:
+    image = eval_transform(image, size)
+    return _rand_augment(image, rng) if rand_augment else image
 
 
 def eval_transform(image: np.ndarray, size: int) -> np.ndarray:

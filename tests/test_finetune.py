@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pathlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -141,6 +142,22 @@ def test_downstream_config_errors_name_the_key():
     with pytest.raises(configuration.ConfigError, match="mask_ratio"):
         config = tiny_downstream_config("linprobe")
         config.mask_ratio = 0.75  # a pretraining key
+        configuration.validate(config)
+
+
+def test_an_unknown_training_crop_is_one_line_error():
+    config = tiny_downstream_config("linprobe", **{"augment.crop": "centre"})
+    with pytest.raises(
+        configuration.ConfigError, match=r"^augment.crop='centre' must be one of \('random', 'center'\)$"
+    ):
+        configuration.validate(config)
+
+
+@pytest.mark.parametrize("crop_scale", [(0.0, 1.0), (0.6, 0.5), (0.5, 1.5)])
+def test_a_crop_scale_outside_the_image_is_one_line_error(crop_scale: tuple[float, float]):
+    config = tiny_downstream_config("linprobe", **{"augment.crop_scale": crop_scale})
+    message = rf"augment.crop_scale={re.escape(str(crop_scale))} must be \(low, high\) with 0 < low <= high <= 1$"
+    with pytest.raises(configuration.ConfigError, match=message):
         configuration.validate(config)
 
 

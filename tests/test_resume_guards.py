@@ -245,6 +245,20 @@ def test_changed_downstream_recipe_is_refused(tmp_path: pathlib.Path, task: str,
         checkpointing.check_same_run(manager, finetune_record(changed))
 
 
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("augment.crop_scale", (0.5, 1.0), "augment.crop_scale: [0.08, 1.0] in the checkpoint, [0.5, 1.0] now"),
+        ("augment.crop", "center", "augment.crop: 'random' in the checkpoint, 'center' now"),
+    ],
+)
+def test_changed_training_crop_is_refused(tmp_path: pathlib.Path, key: str, value, message: str):
+    manager = saved_record(tmp_path, finetune_record(configuration.downstream_config("linprobe")))
+    changed = with_overrides(configuration.downstream_config("linprobe"), {key: value})
+    with pytest.raises(checkpointing.CheckpointError, match=re.escape(message)):
+        checkpointing.check_same_run(manager, finetune_record(changed))
+
+
 def test_keys_a_checkpoint_lacks_count_as_unchanged(tmp_path: pathlib.Path):
     """Configs saved before a key existed (or before the resolved steps were saved) resume."""
     old = configuration.base_config().to_dict()

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mae_jax import input_pipeline
+from mae_jax import configuration, input_pipeline
 from tests.conftest import with_overrides
 
 
@@ -59,9 +59,11 @@ def test_eval_transform_is_torchvisions_resize_and_center_crop(shape: tuple[int,
     np.testing.assert_array_equal(input_pipeline.eval_transform(image, size), torchvision_eval(image, size))
 
 
-def official_probe_box(rng: np.random.Generator, height: int, width: int) -> tuple[int, int, int, int]:
-    """util/crop.RandomResizedCrop.get_params with scale (0.08, 1): one draw, each side clamped to the image."""
-    target_area = height * width * rng.uniform(0.08, 1.0)
+def official_probe_box(
+    rng: np.random.Generator, height: int, width: int, scale: tuple[float, float] = (0.08, 1.0)
+) -> tuple[int, int, int, int]:
+    """util/crop.RandomResizedCrop.get_params (scale (0.08, 1) by default): one draw, each side clamped."""
+    target_area = height * width * rng.uniform(*scale)
     aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
     w = min(int(round(math.sqrt(target_area * aspect))), width)  # noqa: RUF046
     h = min(int(round(math.sqrt(target_area / aspect))), height)  # noqa: RUF046
@@ -117,9 +119,7 @@ def test_linprobe_transform_resizes_the_box_bicubic_then_flips():
 
 @pytest.mark.parametrize("task", ["linprobe", "finetune"])
 def test_linear_probing_trains_on_the_single_draw_crop_and_fine_tuning_on_torchvisions(task: str):
-    from configs import fashion_mnist
-
-    config = with_overrides(fashion_mnist.get_config(task), {"image_size": 32, "augment.rand_augment": False})
+    config = with_overrides(configuration.downstream_config(task), {"image_size": 32, "augment.rand_augment": False})
     transform = input_pipeline.classifier_train_transform(config)
     image = np.random.default_rng(0).integers(0, 256, (20, 300, 3), dtype=np.uint8)
     expected = input_pipeline.linprobe_transform if task == "linprobe" else input_pipeline.finetune_transform
@@ -128,3 +128,56 @@ def test_linear_probing_trains_on_the_single_draw_crop_and_fine_tuning_on_torchv
             transform(image, np.random.default_rng(seed)),
             expected(image, np.random.default_rng(seed), 32, rand_augment=False),
         )
+
+
+def test_linear_probing_crops_the_area_range_of_augment_crop_scale():
+    """The official crop's draw with `augment.crop_scale` in place of (0.08, 1): Fashion-MNIST's probe keeps
+    at least half of its 28-pixel images."""
+    scale = (0.5, 1.0)
+    config = with_overrides(
+        configuration.downstream_config("linprobe"), {"image_size": 16, "augment.crop_scale": scale}
+    )
+    transform = input_pipeline.classifier_train_transform(config)
+    image = np.random.default_rng(0).integers(0, 256, (28, 28, 1), dtype=np.uint8)
+    for seed in range(20):
+        out = transform(image, np.random.default_rng(seed))
+        rng = np.random.default_rng(seed)
+        left, top, right, bottom = official_probe_box(rng, 28, 28, scale)
+        assert (right - left) * (bottom - top) >= 0.5 * 28 * 28 * 0.9  # rounding of each side
+        crop = Image.fromarray(image[top:bottom, left:right, 0]).resize((16, 16), Image.BICUBIC)
+        expected = np.asarray(crop)[:, :, None]
+        np.testing.assert_array_equal(out, expected[:, ::-1] if rng.random() < 0.5 else expected)
+
+
+@pytest.mark.parametrize("task", ["linprobe", "finetune"])
+def test_center_crop_trains_on_the_evaluation_view_unflipped(task: str):
+    """`augment.crop="center"`: every training view is the evaluation's Resize + CenterCrop of the image."""
+    config = with_overrides(
+        configuration.downstream_config(task),
+        {"image_size": 32, "augment.crop": "center", "augment.rand_augment": False},
+    )
+    transform = input_pipeline.classifier_train_transform(config)
+    image = np.random.default_rng(0).integers(0, 256, (40, 57, 3), dtype=np.uint8)
+    resized = np.asarray(Image.fromarray(image).resize((int(36 * 57 / 40), 36), Image.BICUBIC))  # shorter side 36
+    top, left = round((36 - 32) / 2), round((resized.shape[1] - 32) / 2)
+    expected = resized[top : top + 32, left : left + 32]  # torchvision's Resize(36) + CenterCrop(32)
+    for seed in range(8):
+        np.testing.assert_array_equal(transform(image, np.random.default_rng(seed)), expected)
+
+
+def test_fine_tuning_crops_the_area_range_of_augment_crop_scale():
+    config = with_overrides(
+        configuration.downstream_config("finetune"),
+        {"image_size": 16, "augment.crop_scale": (0.6, 0.7), "augment.rand_augment": False},
+    )
+    transform = input_pipeline.classifier_train_transform(config)
+    image = np.random.default_rng(0).integers(0, 256, (200, 200, 3), dtype=np.uint8)
+    for seed in range(10):
+        np.testing.assert_array_equal(
+            transform(image, np.random.default_rng(seed)),
+            input_pipeline.pretrain_transform(image, np.random.default_rng(seed), 16, (0.6, 0.7)),
+        )
+        left, top, right, bottom = input_pipeline.random_resized_crop_box(
+            np.random.default_rng(seed), 200, 200, (0.6, 0.7)
+        )
+        assert 0.6 * 0.97 <= (right - left) * (bottom - top) / 200**2 <= 0.7 * 1.03
