@@ -2,7 +2,9 @@
 
 A parameter directory holds `model.json` (the model config) and `params/` (an Orbax pytree of the
 model's parameters and fixed position tables). It is what `convert` reads and writes. The encoder a
-pretraining run exports (`export_encoder`) also has `step.json`, the training step it holds.
+pretraining run exports (`export_encoder`) also has `step.json`, the training step it holds. Parameter
+directories are always in the unrolled layout (one entry per block), whichever layout the run computed in
+(`Compute.scan_blocks`); a workdir's train state keeps the run's layout.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from etils import epath
 from flax import nnx
 
 from mae_jax.models.mae import MAEConfig, abstract_model_state
-from mae_jax.models.vit import Encoder
+from mae_jax.models.vit import Encoder, unrolled, unrolled_layout
 
 MODEL_CONFIG_FILE = "model.json"
 PARAMS_DIR = "params"
@@ -29,15 +31,19 @@ EXPORT_STEP_FILE = "step.json"  # next to an exported encoder: the training step
 
 
 def save_params(directory: str | epath.Path, config: MAEConfig, state: nnx.State | dict) -> None:
-    """Write a parameter directory of a whole MAE state or of its `{"encoder": ...}` part; never overwrites."""
+    """Write a parameter directory of a whole MAE state or of its `{"encoder": ...}` part; never overwrites.
+
+    Stacked blocks are written unrolled, and `model.json` says so (scan_blocks false): the directory loads
+    into either layout (`models.vit.scanned_layout`).
+    """
     directory = epath.Path(directory)
     if (directory / PARAMS_DIR).exists():
         raise FileExistsError(f"{directory / PARAMS_DIR} already exists; choose a new output directory")
     directory.mkdir(parents=True, exist_ok=True)
     with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save((directory / PARAMS_DIR).absolute(), nnx.to_pure_dict(nnx.State(state)))
+        checkpointer.save((directory / PARAMS_DIR).absolute(), unrolled_layout(nnx.to_pure_dict(nnx.State(state))))
     if jax.process_index() == 0:
-        (directory / MODEL_CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2))
+        (directory / MODEL_CONFIG_FILE).write_text(json.dumps(unrolled(config).to_dict(), indent=2))
 
 
 def load_params(directory: str | epath.Path) -> tuple[MAEConfig, nnx.State]:
@@ -117,7 +123,10 @@ MODEL_KEYS = (
     "model.decoder_depth",
     "model.decoder_heads",
     "model.global_pool",
+    "model.scan_blocks",  # the train state's layout: stacked blocks or a list
 )
+# Model keys that a checkpoint saved before they existed has at these values.
+MODEL_KEY_DEFAULTS = {"model.scan_blocks": False}
 
 
 class CheckpointError(RuntimeError):
@@ -163,10 +172,15 @@ def check_same_model(manager: ocp.CheckpointManager, config: dict) -> None:
     if step is None:
         return
     saved = _saved_config(manager, step)
+
+    def saved_value(key: str) -> Any:
+        value = _lookup(saved, key)
+        return MODEL_KEY_DEFAULTS.get(key) if value is None else value
+
     differences = [
-        f"{key}: {_lookup(saved, key)!r} in the checkpoint, {_lookup(config, key)!r} now"
+        f"{key}: {saved_value(key)!r} in the checkpoint, {_lookup(config, key)!r} now"
         for key in MODEL_KEYS
-        if _lookup(saved, key) != _lookup(config, key)
+        if saved_value(key) != _lookup(config, key)
     ]
     if differences:
         raise CheckpointError(

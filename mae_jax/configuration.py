@@ -68,6 +68,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.model.dtype = "float32"  # compute dtype, "float32" or "bfloat16"; params and optimizer stay float32
     config.model.attention = "xla"  # "xla" or "cudnn" (NVIDIA GPUs, bfloat16): jax.nn.dot_product_attention
     config.model.remat = False  # recompute block activations in the backward pass: less memory, more time
+    # Run the encoder's and decoder's blocks as one scanned layer each (stacked parameters): XLA compiles one
+    # block instead of all; saved parameters and exports stay in the unrolled layout (models/vit.py)
+    config.model.scan_blocks = False
     config.model.mask_tokens_in_encoder = False  # the paper's slower baseline (Table 2): encoder sees all tokens
     # Which patches are removed (models/mae.py MASKINGS): "random" (the paper's), "block" (BEiT-style blocks,
     # the paper's Fig. 6 middle) or "grid" (keep one patch of every 2 x 2, Fig. 6 right; mask_ratio 0.75)
@@ -196,7 +199,7 @@ def model_config(config: ml_collections.ConfigDict) -> MAEConfig:
         decoder_depth=m.decoder_depth,
         decoder_heads=m.decoder_heads,
         norm_pix_loss=m.norm_pix_loss,
-        compute=Compute(m.dtype, m.attention, m.remat),
+        compute=Compute(m.dtype, m.attention, m.remat, m.scan_blocks),
         mask_tokens_in_encoder=m.mask_tokens_in_encoder,
         masking=m.masking,
     )

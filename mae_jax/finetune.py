@@ -40,7 +40,7 @@ from mae_jax import (
 from mae_jax.convert.official import CLASSIFIER_FILE, CLASSIFIER_PTH_FILE
 from mae_jax.loop import TrainState
 from mae_jax.models.classifier import FINETUNE, Classifier, ClassifierConfig
-from mae_jax.models.vit import Compute, EncoderConfig, resize_position_table
+from mae_jax.models.vit import Compute, EncoderConfig, resize_position_table, scanned_layout
 
 
 def classifier_config(config: ml_collections.ConfigDict) -> ClassifierConfig:
@@ -51,7 +51,7 @@ def classifier_config(config: ml_collections.ConfigDict) -> ClassifierConfig:
         protocol=config.task,
         global_pool=m.global_pool,
         drop_path=m.drop_path,
-        compute=Compute(m.dtype, m.attention, m.remat),
+        compute=Compute(m.dtype, m.attention, m.remat, m.scan_blocks),
     )
 
 
@@ -64,11 +64,14 @@ def pretrained_encoder(path: str, model_config: ClassifierConfig) -> nnx.State:
     """The classifier encoder's parameters from the encoder stored at `path`, checked against its shapes.
 
     The position table is the file's, trained from there on as in the official fine-tuning; for another
-    image size than pretraining it is resampled as the official `interpolate_pos_embed` does.
+    image size than pretraining it is resampled as the official `interpolate_pos_embed` does. Stored
+    encoders are unrolled; a classifier with scanned blocks gets them stacked.
     """
     pretrained_config, state = pretrained.load(path)
     encoder = nnx.State(state["encoder"])
     pure = nnx.to_pure_dict(nnx.filter_state(encoder, nnx.Param))
+    if model_config.compute.scan_blocks:
+        pure = scanned_layout(pure)
     table = np.asarray(nnx.to_pure_dict(encoder)["pos_embed"])
     pure["pos_embed"] = resize_position_table(table, model_config.encoder.grid_size)
     expected = nnx.eval_shape(lambda: Classifier(model_config, rngs=nnx.Rngs(0))).encoder

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import jax
 import ml_collections
+import numpy as np
 import optax
+
+from mae_jax.models.vit import is_stacked
 
 
 def learning_rate(base_lr: float, batch_size: int) -> float:
@@ -27,9 +30,19 @@ def schedule(config: ml_collections.ConfigDict, total_steps: int, warmup_steps: 
     )
 
 
+def _names(path: tuple) -> tuple[str, ...]:
+    """A jax key path as plain names: dict keys, list indices and attribute names, all as strings."""
+    return tuple(jax.tree_util.keystr((entry,), simple=True) for entry in path)
+
+
+def _layer_ndim(path: tuple, param: jax.Array) -> int:
+    """The dimensions of one layer's parameter: stacked blocks (`Compute.scan_blocks`) add a leading layer axis."""
+    return param.ndim - 1 if is_stacked(_names(path)) else param.ndim
+
+
 def decay_mask(params) -> object:
     """Decay every parameter with more than one dimension: no biases or norms; cls and mask tokens yes."""
-    return jax.tree.map(lambda p: p.ndim > 1, params)
+    return jax.tree_util.tree_map_with_path(lambda path, p: _layer_ndim(path, p) > 1, params)
 
 
 def _skip_nonfinite(
@@ -68,11 +81,6 @@ LARS_MOMENTUM = 0.9
 LARS_TRUST_COEFFICIENT = 0.001  # util/lars.py's default, which main_linprobe.py keeps
 
 
-def _names(path: tuple) -> tuple[str, ...]:
-    """A jax key path as plain names: dict keys, list indices and attribute names, all as strings."""
-    return tuple(jax.tree_util.keystr((entry,), simple=True) for entry in path)
-
-
 def layer_id(path: tuple[str | int, ...], depth: int) -> int:
     """util/lr_decay.get_layer_id_for_vit on a parameter path of a classifier with its encoder at "encoder".
 
@@ -88,16 +96,26 @@ def layer_id(path: tuple[str | int, ...], depth: int) -> int:
 
 
 def layer_scales(params, depth: int, decay: float) -> object:
-    """Per-parameter lr multiplier decay ** (depth + 1 - layer_id): 1 for the head, smallest for the embeddings."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: decay ** (depth + 1 - layer_id(_names(path), depth)), params
-    )
+    """Per-parameter lr multiplier decay ** (depth + 1 - layer_id): 1 for the head, smallest for the embeddings.
+
+    A parameter of stacked blocks (`Compute.scan_blocks`) gets its layers' multipliers as a float32 array along
+    its leading (layer) axis, the values the unrolled blocks' parameters get one by one.
+    """
+    block_scales = np.asarray([decay ** (depth - block) for block in range(depth)], np.float32)  # layer_id block+1
+
+    def scale(path: tuple, leaf: jax.Array) -> float | np.ndarray:
+        names = _names(path)
+        if is_stacked(names):
+            return block_scales.reshape((depth,) + (1,) * (leaf.ndim - 1))
+        return decay ** (depth + 1 - layer_id(names, depth))
+
+    return jax.tree_util.tree_map_with_path(scale, params)
 
 
 def finetune_decay_mask(params) -> object:
     """The fine-tuning rule (param_groups_lrd), unlike pretraining's: no decay for 1-D params nor the cls token."""
     return jax.tree_util.tree_map_with_path(
-        lambda path, p: p.ndim != 1 and not set(NO_WEIGHT_DECAY) & set(_names(path)), params
+        lambda path, p: _layer_ndim(path, p) != 1 and not set(NO_WEIGHT_DECAY) & set(_names(path)), params
     )
 
 

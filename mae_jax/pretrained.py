@@ -17,7 +17,7 @@ from flax import nnx
 
 from mae_jax import checkpointing, configuration, convert
 from mae_jax.models.mae import MAE, MAEConfig
-from mae_jax.models.vit import Compute
+from mae_jax.models.vit import Compute, unrolled, unrolled_layout
 
 # Official files trained on raw pixels (no norm-pix loss), whose names say so.
 PIXEL_LOSS_PREFIX = "mae_visualize_"
@@ -128,4 +128,5 @@ def _from_workdir(workdir: epath.Path) -> tuple[MAEConfig, nnx.State]:
         )
         restored = manager.restore(step, args=ocp.args.Composite(state=restore)).state
     print(f"Loaded step {step} of {workdir}")
-    return config, nnx.merge_state(restored["params"], restored["fixed"])
+    # A run with scanned blocks saved them stacked; `load` gives every location's state unrolled.
+    return unrolled(config), unrolled_layout(nnx.merge_state(restored["params"], restored["fixed"]))

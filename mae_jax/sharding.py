@@ -17,6 +17,8 @@ import ml_collections
 import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from mae_jax.models.vit import is_stacked
+
 DATA_AXIS = "data"
 FSDP_AXIS = "fsdp"
 BATCH_AXES = (DATA_AXIS, FSDP_AXIS)  # the batch is split over every device
@@ -51,10 +53,16 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def param_sharding(mesh: Mesh, path: tuple, shape: tuple[int, ...]) -> NamedSharding:
-    """A kernel is split over fsdp along its largest dimension the axis divides; everything else replicated."""
+    """A kernel is split over fsdp along its largest dimension the axis divides; everything else replicated.
+
+    The leading axis of stacked blocks' kernels (`Compute.scan_blocks`) is the layer, never split: the scan
+    slices one layer per step, and each layer's kernel is split as the unrolled one is.
+    """
     fsdp = mesh.shape[FSDP_AXIS]
     if fsdp > 1 and any(getattr(key, "key", None) == "kernel" for key in path):
-        for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+        names = [jax.tree_util.keystr((key,), simple=True) for key in path]
+        layer_axes = 1 if is_stacked(names) else 0
+        for dim in sorted(range(layer_axes, len(shape)), key=lambda d: -shape[d]):
             if shape[dim] % fsdp == 0:
                 return NamedSharding(mesh, PartitionSpec(*[FSDP_AXIS if d == dim else None for d in range(len(shape))]))
     return replicated(mesh)

@@ -15,6 +15,7 @@ from flax import nnx
 from mae_jax import convert
 from mae_jax.models.classifier import FINETUNE, LINPROBE, Classifier, ClassifierConfig
 from mae_jax.models.mae import MAE, MAEConfig
+from mae_jax.models.vit import drop_path
 from tests.conftest import TINY
 
 ENCODER = TINY.encoder  # mu/8 at 32 px, as the tiny MAE of conftest
@@ -132,12 +133,12 @@ def test_linprobe_normalizes_with_batch_statistics_as_torch_batch_norm_and_freez
 
 def test_drop_path_rates_rise_with_depth_and_drop_whole_samples():
     encoder = Classifier(ClassifierConfig(ENCODER, 10, drop_path=0.5), rngs=nnx.Rngs(0)).encoder
-    assert [block.drop_path.rate for block in encoder.blocks] == pytest.approx(np.linspace(0, 0.5, ENCODER.depth))
+    assert encoder.drop_path_rates == pytest.approx(np.linspace(0, 0.5, ENCODER.depth))
     plain = Classifier(ClassifierConfig(ENCODER, 10), rngs=nnx.Rngs(0)).encoder
     images = jax.random.normal(jax.random.key(1), (16, 32, 32, 3))
     np.testing.assert_array_equal(encoder(images), plain(images))  # no rngs: deterministic, as at evaluation
     block, x = encoder.blocks[-1], jax.random.normal(jax.random.key(2), (16, 5, ENCODER.width))
-    out = block(x, nnx.Rngs(dropout=3))
+    out = block(x, nnx.Rngs(dropout=3), encoder.drop_path_rates[-1])
     # Rate 0.5: each sample drops each residual branch (x 0) or keeps it scaled by 1 / (1 - 0.5) (x 2).
     combinations = []
     for attn_scale in (0, 2):
@@ -149,6 +150,21 @@ def test_drop_path_rates_rise_with_depth_and_drop_whole_samples():
     assert matches.any(axis=0).all()  # every sample is one of them
     assert (matches.sum(axis=1) > 0).sum() >= 2  # and samples differ
     assert not np.array_equal(out, block(x))
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.3, 0.5])
+def test_drop_path_is_flax_dropout_on_whole_samples(rate):
+    """`vit.drop_path` computes what `nnx.Dropout(rate, broadcast_dims=(1, 2))` does from the same stream; with
+    the rate traced (scanned blocks) it drops the same samples, the others scaled by a float32 1 - rate."""
+    x = jax.random.normal(jax.random.key(4), (32, 5, 8))
+    expected = nnx.Dropout(rate, broadcast_dims=(1, 2))(x, rngs=nnx.Rngs(dropout=5))
+    np.testing.assert_array_equal(drop_path(x, rate, nnx.Rngs(dropout=5)), expected)
+    traced = jax.jit(lambda rate: drop_path(x, rate, nnx.Rngs(dropout=5)))(jnp.float32(rate))
+    np.testing.assert_array_equal(traced == 0, expected == 0)
+    np.testing.assert_allclose(traced, expected, rtol=1e-6, atol=0)
+    if rate:
+        assert 0 < (np.asarray(expected) == 0).all(axis=(1, 2)).sum() < len(x)  # some samples dropped, not all
+    np.testing.assert_array_equal(drop_path(x, rate, None), x)
 
 
 def test_classifier_position_table_is_a_parameter_with_timm_init_and_mae_keeps_it_fixed():

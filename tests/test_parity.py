@@ -4,11 +4,13 @@ Our weights go to the official layout (`convert.to_official`) and from there to 
 (`convert.hf`). Loss, predictions, mask and the encoder latent must agree within 1e-5 (max abs), in float32, at
 a tiny size and at ViT-B/16 224 px; the gradients w.r.t. every parameter (torch autograd on their side) within
 1e-5 of the largest gradient, at the tiny size. Norm scales, biases and the tokens are moved away from their init
-so that, e.g., swapped norm1/norm2 or a q/k/v split in the wrong order would show.
+so that, e.g., swapped norm1/norm2 or a q/k/v split in the wrong order would show. At the tiny size both layouts
+of the blocks are compared: unrolled and scanned (`Compute.scan_blocks`, the same weights stacked).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -20,6 +22,7 @@ from flax import nnx
 
 from mae_jax import convert
 from mae_jax.models.mae import MAE, MAEConfig
+from mae_jax.models.vit import Compute, scanned_layout
 from tests.conftest import TINY
 
 TOLERANCE = 1e-5
@@ -27,6 +30,16 @@ SIZES = {
     "tiny": (TINY, 4),
     "B/16": (MAEConfig.from_variant("B/16", 224), 2),  # the official 512 x 8 decoder with 16 heads
 }
+SCANNED = {"unrolled": False, "scanned": True}
+# (size, layout) pairs of the forward comparison: a scanned B/16 would add a compile and check nothing more.
+FORWARD_CASES = [("tiny", "unrolled"), ("tiny", "scanned"), ("B/16", "unrolled")]
+
+
+def in_layout(config: MAEConfig, state: nnx.State, layout: str) -> tuple[MAEConfig, nnx.State]:
+    """`config` computing with the blocks in `layout`, and `state` (unrolled) laid out so."""
+    scan = SCANNED[layout]
+    config = dataclasses.replace(config, compute=Compute(scan_blocks=scan))
+    return config, scanned_layout(state) if scan else state
 
 
 def hf_state_dict(state: nnx.State) -> dict[str, torch.Tensor]:
@@ -90,10 +103,11 @@ def test_position_tables_equal_transformers(size):
 
 @pytest.mark.parametrize("mask_ratio", [0.75, 0.6])
 @pytest.mark.parametrize("norm_pix", [True, False], ids=["norm_pix", "pixels"])
-@pytest.mark.parametrize("size", SIZES)
-def test_forward_matches_transformers(size, norm_pix, mask_ratio, record_property):
+@pytest.mark.parametrize(("size", "layout"), FORWARD_CASES, ids=["-".join(case) for case in FORWARD_CASES])
+def test_forward_matches_transformers(size, layout, norm_pix, mask_ratio, record_property):
     config, batch, state, hf, _ = prepared(size)
     config = MAEConfig(config.encoder, config.decoder_width, config.decoder_depth, config.decoder_heads, norm_pix)
+    config, state = in_layout(config, state, layout)
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: MAE(config, rngs=nnx.Rngs(0))))
     rng = np.random.default_rng([list(SIZES).index(size), norm_pix, round(100 * mask_ratio)])
     size_px, num_patches = config.encoder.image_size, config.encoder.num_patches
@@ -121,7 +135,7 @@ def test_forward_matches_transformers(size, norm_pix, mask_ratio, record_propert
     }
     record_property("max_abs_diff", diffs)
     print(
-        f"\n{size} norm_pix={norm_pix} mask_ratio={mask_ratio}: loss {float(ours.loss):.6f}, max abs diff "
+        f"\n{size} {layout} norm_pix={norm_pix} mask_ratio={mask_ratio}: loss {float(ours.loss):.6f}, max abs diff "
         + ", ".join(f"{name} {value:.2e}" for name, value in diffs.items())
     )
     assert ours.latent.shape == (batch, 1 + int(num_patches * (1 - mask_ratio)), config.encoder.width)
@@ -129,7 +143,8 @@ def test_forward_matches_transformers(size, norm_pix, mask_ratio, record_propert
 
 
 @pytest.mark.parametrize("norm_pix", [True, False], ids=["norm_pix", "pixels"])
-def test_gradients_match_transformers(norm_pix, record_property):
+@pytest.mark.parametrize("layout", SCANNED)
+def test_gradients_match_transformers(layout, norm_pix, record_property):
     """The loss's gradient w.r.t. every trained parameter equals torch autograd's through transformers' model.
 
     This checks our hand-written backward passes (LayerNorm, attention, GELU: `models.vit`'s custom_vjp)
@@ -139,6 +154,7 @@ def test_gradients_match_transformers(norm_pix, record_property):
     """
     config, batch, state, hf, _ = prepared("tiny")
     config = MAEConfig(config.encoder, config.decoder_width, config.decoder_depth, config.decoder_heads, norm_pix)
+    config, state = in_layout(config, state, layout)
     model = MAE(config, rngs=nnx.Rngs(0))
     nnx.update(model, state)  # the weights transformers' model holds
     graphdef, params, fixed = nnx.split(model, nnx.Param, ...)
@@ -165,7 +181,7 @@ def test_gradients_match_transformers(norm_pix, record_property):
     scale = max(float(np.max(np.abs(g))) for g in theirs.values())
     worst = max(diffs, key=diffs.get)
     record_property("max_abs_diff", diffs[worst])
-    print(f"\nnorm_pix={norm_pix}: largest |grad| {scale:.3g}; max abs diff {diffs[worst]:.2e} ({worst})")
+    print(f"\n{layout} norm_pix={norm_pix}: largest |grad| {scale:.3g}; max abs diff {diffs[worst]:.2e} ({worst})")
     # Relative to the largest gradient (0.13 here): measured 1.5e-8 apart, where scaling one term of the GELU,
     # attention or LayerNorm backward by 0.99 moves some gradient by 2e-5 to 9e-4.
     assert diffs[worst] <= TOLERANCE * scale, (worst, diffs[worst], scale)

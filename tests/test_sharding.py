@@ -40,17 +40,19 @@ def local_batch(images: np.ndarray, batch_sharding: jax.sharding.NamedSharding) 
     return jax.make_array_from_process_local_data(batch_sharding, local, images.shape)
 
 
-def run_steps(mesh: jax.sharding.Mesh, grad_accum_steps: int = 1) -> dict:
+def run_steps(mesh: jax.sharding.Mesh, grad_accum_steps: int = 1, **overrides) -> dict:
     """STEPS steps of the tiny model on `mesh` (of one or more processes), as the task table assembles the
     pretraining step: losses, parameters (gathered to every host), every state leaf's global and per-device
-    shape, and the compiled step's HLO."""
+    shape, and the compiled step's HLO. `overrides` are further dotted config keys."""
     from jax.experimental import multihost_utils
 
     from mae_jax import tasks
     from tests.conftest import tiny_train_config
 
     # lr 1e-3 from the first step (no warmup), almost constant over a long cosine
-    config = tiny_train_config(batch_size=BATCH, grad_accum_steps=grad_accum_steps, base_lr=1e-3 * 256 / BATCH)
+    config = tiny_train_config(
+        batch_size=BATCH, grad_accum_steps=grad_accum_steps, base_lr=1e-3 * 256 / BATCH, **overrides
+    )
     assembly = tasks.TASKS["pretrain"].assemble(config, mesh, total_steps=10_000, warmup_steps=0)
     state = assembly.init()
     batches = [np.random.default_rng(i).integers(0, 256, (BATCH, 32, 32, 3), dtype=np.uint8) for i in range(STEPS)]
@@ -106,11 +108,10 @@ def assert_same_params(a: dict, b: dict, *, rtol: float, atol: float) -> None:
         x, y = np.asarray(value), np.asarray(b[name])
         if name.endswith("['qkv']['bias'].value"):
             # The key bias adds the same logit to every key, which softmax ignores: its gradient is exactly zero,
-            # and Adam turns the rounding noise left in its place into steps of +-lr. Compare the q and v parts.
-            x, y = (
-                np.delete(x, np.s_[len(x) // 3 : 2 * len(x) // 3]),
-                np.delete(y, np.s_[len(y) // 3 : 2 * len(y) // 3]),
-            )
+            # and Adam turns the rounding noise left in its place into steps of +-lr. Compare the q and v parts
+            # (along the last axis: stacked blocks have a leading layer axis).
+            keys = np.s_[x.shape[-1] // 3 : 2 * x.shape[-1] // 3]
+            x, y = np.delete(x, keys, axis=-1), np.delete(y, keys, axis=-1)
         np.testing.assert_allclose(x, y, rtol=rtol, atol=atol, err_msg=name)
 
 

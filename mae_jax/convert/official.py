@@ -27,7 +27,7 @@ from etils import epath
 from flax import nnx
 
 from mae_jax.models.mae import MAE, MAEConfig, abstract_model_state
-from mae_jax.models.vit import VARIANTS, EncoderConfig, sincos_2d
+from mae_jax.models.vit import VARIANTS, EncoderConfig, scanned_layout, sincos_2d, unrolled, unrolled_layout
 
 ARRAY, LINEAR, CONV, NORM = "array", "linear", "conv", "norm"
 
@@ -153,8 +153,9 @@ def describe(config: MAEConfig) -> str:
 
 
 def to_official(state: nnx.State | Mapping, *, encoder_only: bool = False) -> dict[str, np.ndarray]:
-    """The official state_dict of an `MAE` state (or an `Encoder` state alone), as numpy arrays."""
-    pure = nnx.to_pure_dict(state) if isinstance(state, nnx.State) else state
+    """The official state_dict of an `MAE` state (or an `Encoder` state alone), as numpy arrays; stacked
+    blocks (`Compute.scan_blocks`) are split into the official per-block keys."""
+    pure = unrolled_layout(nnx.to_pure_dict(state) if isinstance(state, nnx.State) else state)
     if "encoder" not in pure and "decoder" not in pure:
         pure = {"encoder": pure}  # the state of an `Encoder` module
     out = []
@@ -331,8 +332,15 @@ def from_official(
     An encoder-only file (the released `mae_pretrain_vit_*.pth`) is accepted when `encoder_only_ok`: the
     decoder then is the one of a fresh `MAE(config, rngs=nnx.Rngs(decoder_seed))`, with the fixed sin-cos
     decoder position table, or, without `fresh_decoder`, the state is `{"encoder": ...}` alone. Any other
-    difference raises one ValueError that lists every offending key.
+    difference raises one ValueError that lists every offending key. The state has the layout of `config`:
+    its blocks stacked with `compute.scan_blocks`.
     """
+    if config.compute.scan_blocks:
+        return scanned_layout(
+            from_official(
+                state_dict, unrolled(config), encoder_only_ok, fresh_decoder=fresh_decoder, decoder_seed=decoder_seed
+            )
+        )
     state = abstract_model_state(config)
     expected = {}  # official key -> (mae_jax path, axes, abstract leaf)
     for path, leaf in _flatten(nnx.to_pure_dict(state)):

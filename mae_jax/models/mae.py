@@ -18,6 +18,7 @@ from mae_jax.models.vit import (
     FixedEmbedding,
     layer_norm,
     linear,
+    make_blocks,
     patchify,
     run_blocks,
     sincos_2d,
@@ -194,11 +195,12 @@ class Decoder(nnx.Module):
         self.embed = linear(enc.width, width, rngs, dtype)
         self.mask_token = nnx.Param(token_init(rngs.params(), (1, 1, width)))
         self.pos_embed = FixedEmbedding(jnp.asarray(sincos_2d(width, enc.grid_size))[None])
-        self.blocks = nnx.List(
+        self.blocks = make_blocks(
             [
                 Block(width, config.decoder_heads, enc.mlp_ratio, compute=compute, rngs=rngs)
                 for _ in range(config.decoder_depth)
-            ]
+            ],
+            compute.scan_blocks,
         )
         self.norm = layer_norm(width, rngs, dtype)
         self.pred = linear(width, enc.patch_dim, rngs, dtype)

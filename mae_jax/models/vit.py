@@ -3,13 +3,19 @@
 Every choice that changes outputs follows the official code: LayerNorm eps 1e-6, exact (erf) GELU,
 fused qkv with bias, xavier-uniform linears with zero bias, fixed 2-D sin-cos position tables.
 The blocks run the hand-written kernels of `ops` (LayerNorm, attention, GELU). `Compute` changes only
-how they run (precision, attention kernel, recomputation), never the parameters, which stay float32.
+how they run (precision, attention kernel, recomputation, scanning), never the parameters' values, which
+stay float32. Scanned blocks (`Compute.scan_blocks`) hold the same values stacked along a leading layer axis:
+one Block whose variables are (depth, ...) arrays, run by `jax.lax.scan`, so that XLA compiles one block
+instead of `depth`. Only a run's train state keeps that layout; everything written outside it (parameter
+directories, exported encoders, converted files) is in the unrolled one (`unrolled_layout`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeVar
 
 import einops
 import jax
@@ -47,6 +53,7 @@ class Compute:
     dtype: str = "float32"  # params and optimizer state stay float32 either way; the loss is float32
     attention: str = "xla"  # "xla": `ops.softmax_attention`; "cudnn": `ops.fused_attention` (NVIDIA, bf16)
     remat: bool = False  # recompute each block's activations in the backward pass: less memory, ~1/3 more FLOPs
+    scan_blocks: bool = False  # the blocks as one scanned layer (stacked parameters): one block to compile
 
     def __post_init__(self):
         ops.check_kernels(self.attention, self.dtype)  # not the machine: a GPU run's model.json loads on a CPU
@@ -54,6 +61,14 @@ class Compute:
     @property
     def jnp_dtype(self) -> jnp.dtype:
         return jnp.dtype(self.dtype)
+
+
+ConfigWithCompute = TypeVar("ConfigWithCompute")  # a model config with a `compute` field
+
+
+def unrolled(config: ConfigWithCompute) -> ConfigWithCompute:
+    """`config` (an MAEConfig or ClassifierConfig) with its blocks unrolled: the layout of stored parameters."""
+    return dataclasses.replace(config, compute=dataclasses.replace(config.compute, scan_blocks=False))
 
 
 class FixedEmbedding(nnx.Variable):
@@ -196,16 +211,107 @@ class LayerNorm(nnx.LayerNorm):
         return ops.layer_norm_function(x, scale, bias, self.epsilon)
 
 
-def run_blocks(blocks: nnx.List, x: jax.Array, remat: bool, rngs: nnx.Rngs | None = None) -> jax.Array:
+# ---------------------------------------------------------------------------------------------------
+# Blocks: a list (unrolled) or one Block of stacked variables (scanned), and the two layouts of their state
+# ---------------------------------------------------------------------------------------------------
+BLOCKS = "blocks"  # the attribute that holds an Encoder's or Decoder's blocks
+
+
+def make_blocks(blocks: list[Block], scan: bool) -> nnx.List | Block:
+    """`blocks` as an `nnx.List`, or with `scan` as one Block whose every variable stacks theirs along a new
+    leading layer axis. Both hold the same values: a seed gives the same model in either layout."""
+    if not scan:
+        return nnx.List(blocks)
+    return nnx.merge(nnx.graphdef(blocks[0]), jax.tree.map(lambda *layers: jnp.stack(layers), *map(nnx.state, blocks)))
+
+
+def run_blocks(
+    blocks: nnx.List | Block,
+    x: jax.Array,
+    remat: bool,
+    rngs: nnx.Rngs | None = None,
+    drop_path_rates: Sequence[float] | None = None,
+) -> jax.Array:
     """Apply the blocks in order; with `remat` the backward pass recomputes each block's activations.
 
-    `rngs` (a "dropout" stream) switches on the blocks' drop path, as in fine-tuning; without it they are
-    deterministic.
+    `rngs` (a "dropout" stream) switches on drop path at each block's rate in `drop_path_rates`, as in
+    fine-tuning; without it the blocks are deterministic. Stacked blocks (`make_blocks(..., scan=True)`) run
+    as one `jax.lax.scan` over the layer axis, remat inside the scanned body; each layer draws its drop-path
+    masks from its own key of one split, so they differ from the unrolled blocks' draws, not in distribution.
     """
-    for block in blocks:
+    if isinstance(blocks, Block):
+        return _scan_blocks(blocks, x, remat, rngs, drop_path_rates)
+    for block, rate in zip(blocks, drop_path_rates or [0.0] * len(blocks), strict=True):
         x = split_batch(x)
-        x = nnx.remat(Block.__call__)(block, x, rngs) if remat else block(x, rngs)
+        # The rate stays a number (static): a rate of 0 then draws no key
+        x = nnx.remat(Block.__call__, static_argnums=3)(block, x, rngs, rate) if remat else block(x, rngs, rate)
     return split_batch(x)
+
+
+def _scan_blocks(
+    blocks: Block, x: jax.Array, remat: bool, rngs: nnx.Rngs | None, drop_path_rates: Sequence[float] | None
+) -> jax.Array:
+    graphdef, stacked = nnx.split(blocks)
+    depth = jax.tree.leaves(stacked)[0].shape[0]
+    rates = jnp.asarray(drop_path_rates or [0.0] * depth, jnp.float32)
+    keys = None if rngs is None else jax.random.split(rngs.dropout(), depth)
+
+    def layer(x: jax.Array, inputs: tuple) -> tuple[jax.Array, None]:
+        state, rate, key = inputs
+        layer_rngs = None if key is None else nnx.Rngs(dropout=key)
+        return nnx.merge(graphdef, state)(split_batch(x), layer_rngs, drop_path_rate=rate), None
+
+    if remat:  # jax.checkpoint's advice for scanned bodies: no CSE barrier, the loop already prevents it
+        layer = jax.checkpoint(layer, prevent_cse=False)
+    x, _ = jax.lax.scan(layer, x, (stacked, rates, keys))
+    return split_batch(x)
+
+
+Tree = TypeVar("Tree", bound=Mapping)
+
+
+def _is_index(key: Any) -> bool:
+    return str(key).isdigit()
+
+
+def _map_blocks(tree: Tree, convert: Any) -> Tree:
+    """`tree` (an nnx.State or nested dict of a model's variables) with each `BLOCKS` entry converted."""
+    if isinstance(tree, nnx.State):  # a State of nested dicts, as nnx builds them
+        return nnx.State(_map_blocks(tree.raw_mapping, convert))
+    return {
+        key: convert(value) if key == BLOCKS else _map_blocks(value, convert) if isinstance(value, Mapping) else value
+        for key, value in tree.items()
+    }
+
+
+def _stack(blocks: Mapping) -> Mapping:
+    if not all(_is_index(key) for key in blocks):
+        return blocks  # stacked already
+    return jax.tree.map(lambda *layers: jnp.stack(layers), *(blocks[key] for key in sorted(blocks, key=int)))
+
+
+def _unstack(blocks: Mapping) -> Mapping:
+    if all(_is_index(key) for key in blocks):
+        return blocks  # unrolled already
+    depth = jax.tree.leaves(blocks)[0].shape[0]
+    return {index: jax.tree.map(lambda x, i=index: x[i], blocks) for index in range(depth)}
+
+
+def scanned_layout(tree: Tree) -> Tree:
+    """A model's variables (an nnx.State, or nested dicts as `nnx.to_pure_dict` gives them) with each list of
+    blocks stacked into one, as `make_blocks(..., scan=True)` holds them; stacked blocks are left as they are."""
+    return _map_blocks(tree, _stack)
+
+
+def unrolled_layout(tree: Tree) -> Tree:
+    """The inverse of `scanned_layout`: stacked blocks split into a list (index -> block); lists left as they are."""
+    return _map_blocks(tree, _unstack)
+
+
+def is_stacked(names: Sequence[str]) -> bool:
+    """Whether a variable's path (as names) is in stacked blocks, whose leading axis is the layer: `blocks`
+    followed by a submodule's name rather than a block index."""
+    return BLOCKS in names[:-1] and not _is_index(names[names.index(BLOCKS) + 1])
 
 
 def patchify(images: jax.Array, patch_size: int) -> jax.Array:
@@ -287,30 +393,35 @@ class Mlp(nnx.Module):
         return self.fc2(split_batch(ops.gelu(self.fc1(tokens)))).reshape(x.shape)
 
 
-class Block(nnx.Module):
-    """Pre-norm transformer block, with optional drop path (stochastic depth) on both residual branches."""
+def drop_path(x: jax.Array, rate: float | jax.Array, rngs: nnx.Rngs | None) -> jax.Array:
+    """timm's DropPath, as `nnx.Dropout(rate, broadcast_dims=(1, 2))` computes it: whole samples zeroed with
+    probability `rate`, the rest scaled by 1 / (1 - rate). Off without `rngs`; a rate of 0 given as a number
+    draws no key, a traced one (scanned blocks) always draws."""
+    if rngs is None or (isinstance(rate, int | float) and rate == 0.0):
+        return x
+    keep = 1.0 - rate
+    mask = jax.random.bernoulli(rngs.dropout(), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+    return jax.lax.select(jnp.broadcast_to(mask, x.shape), x / jnp.asarray(keep, x.dtype), jnp.zeros_like(x))
 
-    def __init__(
-        self,
-        width: int,
-        num_heads: int,
-        mlp_ratio: int,
-        *,
-        compute: Compute,
-        drop_path: float = 0.0,
-        rngs: nnx.Rngs,
-    ):
+
+class Block(nnx.Module):
+    """Pre-norm transformer block, with optional drop path (stochastic depth) on both residual branches.
+
+    The drop-path rate is an argument of the call, not an attribute: stacked blocks share one graph, and
+    each layer's rate comes with it through the scan.
+    """
+
+    def __init__(self, width: int, num_heads: int, mlp_ratio: int, *, compute: Compute, rngs: nnx.Rngs):
         self.norm1 = layer_norm(width, rngs, compute.jnp_dtype)
         self.attn = Attention(width, num_heads, compute=compute, rngs=rngs)
         self.norm2 = layer_norm(width, rngs, compute.jnp_dtype)
         self.mlp = Mlp(width, mlp_ratio * width, dtype=compute.jnp_dtype, rngs=rngs)
-        # Whole samples dropped and the rest scaled by 1 / (1 - rate): timm's DropPath.
-        self.drop_path = nnx.Dropout(drop_path, broadcast_dims=(1, 2))
 
-    def __call__(self, x: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
-        deterministic = rngs is None
-        x = x + self.drop_path(self.attn(self.norm1(x)), deterministic=deterministic, rngs=rngs)
-        return x + self.drop_path(self.mlp(self.norm2(x)), deterministic=deterministic, rngs=rngs)
+    def __call__(
+        self, x: jax.Array, rngs: nnx.Rngs | None = None, drop_path_rate: float | jax.Array = 0.0
+    ) -> jax.Array:
+        x = x + drop_path(self.attn(self.norm1(x)), drop_path_rate, rngs)
+        return x + drop_path(self.mlp(self.norm2(x)), drop_path_rate, rngs)
 
 
 class Encoder(nnx.Module):
@@ -341,12 +452,14 @@ class Encoder(nnx.Module):
             self.pos_embed = nnx.Param(truncated_normal(TRAINED_POS_EMBED_STD)(rngs.params(), shape))
         else:
             self.pos_embed = FixedEmbedding(jnp.asarray(sincos_2d(config.width, config.grid_size))[None])
-        self.blocks = nnx.List(
+        # Drop-path rates rise linearly with depth to `drop_path`, as in timm.
+        self.drop_path_rates = tuple(np.linspace(0, drop_path, config.depth).tolist())
+        self.blocks = make_blocks(
             [
-                # Drop-path rates rise linearly with depth to `drop_path`, as in timm.
-                Block(config.width, config.num_heads, config.mlp_ratio, compute=compute, drop_path=rate, rngs=rngs)
-                for rate in np.linspace(0, drop_path, config.depth).tolist()
-            ]
+                Block(config.width, config.num_heads, config.mlp_ratio, compute=compute, rngs=rngs)
+                for _ in range(config.depth)
+            ],
+            compute.scan_blocks,
         )
         self.norm = layer_norm(config.width, rngs, compute.jnp_dtype)
 
@@ -367,7 +480,8 @@ class Encoder(nnx.Module):
         drop path.
         """
         cls = jnp.broadcast_to(self.cls_token + self.pos_embed[:, :1], (tokens.shape[0], 1, tokens.shape[-1]))
-        x = run_blocks(self.blocks, jnp.concatenate([cls.astype(tokens.dtype), tokens], axis=1), self.remat, rngs)
+        x = jnp.concatenate([cls.astype(tokens.dtype), tokens], axis=1)
+        x = run_blocks(self.blocks, x, self.remat, rngs, self.drop_path_rates)
         return self.norm(x) if final_norm else x
 
     def __call__(self, images: jax.Array, *, final_norm: bool = True, rngs: nnx.Rngs | None = None) -> jax.Array:
