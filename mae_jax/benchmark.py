@@ -1,18 +1,20 @@
 """Train-step speed: `python -m mae_jax.benchmark --config=configs/vit_base.py [--config.batch_size=8] [--baseline]
-[--torch] [--rounds=5] [--peak_tflops=...] [--profile=DIR]`.
+[--torch] [--both_layouts] [--rounds=5] [--peak_tflops=...] [--profile=DIR]`.
 
 Compiles the real train step of the config's task (pretraining, fine-tuning or linear probing; sharding,
-precision, optimizer as `--config` says) on synthetic images and prints the median step time, images/s (total
-and per device), model TFLOP/s per device and MFU. Model FLOPs are counted analytically (`flops.py`): the
-matmuls forward and backward (pretraining: encoder on the visible tokens, decoder on all), whatever remat
-recomputes; XLA's own count of the compiled step is printed beside them. MFU is against the device's peak from
-a table (`--peak_tflops` overrides it); on CPU the peak is a matmul measured in the same run, so MFU says how
-close the step comes to what this machine can do.
+precision, optimizer as `--config` says) on synthetic images and prints the time it took to lower and compile,
+the median step time, images/s (total and per device), model TFLOP/s per device and MFU. Model FLOPs are
+counted analytically (`flops.py`): the matmuls forward and backward (pretraining: encoder on the visible
+tokens, decoder on all), whatever remat recomputes; XLA's own count of the compiled step is printed beside
+them. MFU is against the device's peak from a table (`--peak_tflops` overrides it); on CPU the peak is a
+matmul measured in the same run, so MFU says how close the step comes to what this machine can do.
 
 `--baseline` also times the paper's Table 2 baseline (mask tokens in the encoder, which then sees every
 token) and prints MAE's speedup over it; `--torch` times transformers' `ViTMAEForPreTraining` train step
-(PyTorch, AdamW; on the GPU when JAX runs on one) on the same shapes. Every measurement runs once per
-round, interleaved, so that machine noise hits all alike; ratios are medians of per-round ratios.
+(PyTorch, AdamW; on the GPU when JAX runs on one) on the same shapes. `--both_layouts` also compiles and
+times the step with the blocks in the other layout (`model.scan_blocks` flipped: scanned or unrolled), the
+compile time that scanning saves beside the step time it may cost. Every measurement runs once per round,
+interleaved, so that machine noise hits all alike; ratios are medians of per-round ratios.
 
 `--profile=DIR` then traces a few more steps with `jax.profiler` into DIR (TensorBoard's profile tab, XProf,
 Perfetto) and prints the device operations that took the most time: where a GPU or TPU step goes.
@@ -63,6 +65,7 @@ class Measured:
     name: str
     run: Callable[[], None]
     flops: float
+    compile_s: float | None = None  # lower + compile of a JAX step
     times: list[float] = dataclasses.field(default_factory=list)
 
     def time_once(self) -> float:
@@ -101,7 +104,7 @@ def jax_step(name: str, assembly: loop.Assembly, config: ml_collections.ConfigDi
         holder[0], metrics = compiled(holder[0], *batch)
         jax.block_until_ready((holder[0], metrics))
 
-    return Measured(name, run, assembly.flops_per_step), facts
+    return Measured(name, run, assembly.flops_per_step, facts["compile_s"]), facts
 
 
 def _xla_flops(compiled: jax.stages.Compiled) -> float | None:
@@ -224,10 +227,13 @@ def benchmark(
     baseline: bool,
     with_torch: bool,
     *,
+    both_layouts: bool = False,
     peak: float | None = None,
     profile_dir: str | None = None,
 ) -> dict:
     """Time everything asked for, interleaved round by round; returns the figures it prints.
+
+    `both_layouts`: also the step with `model.scan_blocks` flipped, compile and step time.
 
     `peak`: TFLOP/s per device for MFU; None takes it from `flops.PEAK_TFLOPS`, or on CPU measures a matmul.
     `profile_dir`: afterwards trace a few mae_jax steps there and print the longest device operations.
@@ -248,7 +254,8 @@ def benchmark(
         f"device: {devices} x {device.device_kind} ({device.platform}), {jax.process_count()} process(es); "
         f"mesh data={mesh.shape[sharding.DATA_AXIS]} fsdp={mesh.shape[sharding.FSDP_AXIS]}\n"
         f"model: {config.model.variant} at {config.image_size} px, {assembly.description}, {config.model.dtype}, "
-        f"attention {config.model.attention}, remat {config.model.remat}; batch {config.batch_size} "
+        f"attention {config.model.attention}, remat {config.model.remat}, scan_blocks {config.model.scan_blocks}; "
+        f"batch {config.batch_size} "
         f"({config.batch_size // devices} per device), grad_accum_steps {config.grad_accum_steps}",
         flush=True,
     )
@@ -259,6 +266,11 @@ def benchmark(
         baseline_config.model.mask_tokens_in_encoder = True
         baseline_step = assemble(baseline_config, mesh)
         measured.append(jax_step("mae_jax, mask tokens in encoder", baseline_step, baseline_config)[0])
+    if both_layouts:
+        other_config = config.copy_and_resolve_references()
+        other_config.model.scan_blocks = not config.model.scan_blocks
+        layout = "scanned" if other_config.model.scan_blocks else "unrolled"
+        measured.append(jax_step(f"mae_jax, {layout} blocks", assemble(other_config, mesh), other_config)[0])
     if with_torch:
         measured.append(torch_step(config))
     peak_source = "given" if peak else "table"
@@ -304,6 +316,8 @@ def benchmark(
             f"{config.batch_size / step_s / devices:8.2f} {tflops:12.4f} {mfu:6.1%}"
         )
         figures[m.name] = {"step_s": step_s, "images_per_s": config.batch_size / step_s, "mfu": mfu}
+        if m.compile_s is not None:
+            figures[m.name]["compile_s"] = m.compile_s
     if matmul is not None:
         peak = statistics.median(matmul.flops / t for t in matmul.times) / 1e12
         print(f"peak: {config.model.dtype} {2048}^3 matmul measured in this run, {peak:.4f} TFLOP/s (median)")
@@ -318,6 +332,11 @@ def benchmark(
             print(
                 f"MAE speedup over the mask-token baseline: {ratio:.2f}x (median of per-round step-time ratios; "
                 f"model FLOPs ratio {m.flops / mae.flops:.2f}x)"
+            )
+        elif m.name.endswith(" blocks"):
+            print(
+                f"{m.name}: compile {m.compile_s:.1f} s ({m.compile_s / mae.compile_s:.2f}x mae_jax's "
+                f"{mae.compile_s:.1f} s), step {ratio:.2f}x mae_jax's (median of per-round step-time ratios)"
             )
         else:
             print(f"mae_jax vs {m.name}: {ratio:.2f}x (median of per-round step-time ratios)")
@@ -358,7 +377,13 @@ def main(argv: list[str]) -> None:
         print("glibc malloc: one arena, no mmap, no trimming (freed memory is kept for the next step)")
     try:
         benchmark(
-            FLAGS.config, FLAGS.rounds, FLAGS.baseline, FLAGS.torch, peak=FLAGS.peak_tflops, profile_dir=FLAGS.profile
+            FLAGS.config,
+            FLAGS.rounds,
+            FLAGS.baseline,
+            FLAGS.torch,
+            both_layouts=FLAGS.both_layouts,
+            peak=FLAGS.peak_tflops,
+            profile_dir=FLAGS.profile,
         )
     except configuration.ConfigError as error:
         sys.exit(f"error: {error}")
@@ -370,6 +395,7 @@ def define_flags() -> None:
     flags.DEFINE_integer("rounds", 5, "Timed rounds; each runs every measured step once.")
     flags.DEFINE_bool("baseline", False, "Also time the mask-tokens-in-encoder baseline (paper, Table 2).")
     flags.DEFINE_bool("torch", False, "Also time transformers' ViTMAEForPreTraining train step (PyTorch, CPU).")
+    flags.DEFINE_bool("both_layouts", False, "Also compile and time the step with model.scan_blocks flipped.")
     flags.DEFINE_float("peak_tflops", None, "Peak dense TFLOP/s per device for MFU; default: table, or measured.")
     flags.DEFINE_string("profile", None, "Then trace a few mae_jax steps into this directory and list device ops.")
     flags.mark_flags_as_required(["config"])

@@ -34,6 +34,23 @@ def test_benchmark_prints_its_figures(tmp_path: pathlib.Path):
     assert len(list(tmp_path.glob("plugins/profile/*/perfetto_trace.json.gz"))) == 1
 
 
+def test_benchmark_compares_compile_and_step_time_of_both_layouts():
+    command = [
+        sys.executable, "-m", "mae_jax.benchmark", "--config=configs/demo.py", "--config.image_size=32",
+        "--config.batch_size=8", "--config.model.decoder_width=32", "--config.model.decoder_depth=1",
+        "--config.model.decoder_heads=2", "--config.model.scan_blocks=true", "--rounds=1", "--both_layouts",
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out, number = result.stdout, r"[\d.]+"
+    assert "remat False, scan_blocks True;" in out, out
+    assert re.search(rf"^compile {number} s; per step", out, re.M), out
+    for name in ("mae_jax", "mae_jax, unrolled blocks"):
+        assert re.search(rf"^{re.escape(name)} +{number} +{number} +{number} +{number} +{number}%$", out, re.M), out
+    compared = rf"compile {number} s \({number}x mae_jax's {number} s\), step {number}x mae_jax's"
+    assert re.search(rf"^mae_jax, unrolled blocks: {compared}", out, re.M), out
+
+
 @pytest.mark.parametrize("task", ["finetune", "linprobe"])
 def test_benchmark_times_the_downstream_steps(task: str):
     command = [
