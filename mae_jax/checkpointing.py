@@ -191,7 +191,7 @@ def check_same_model(manager: ocp.CheckpointManager, config: dict) -> None:
 
 # The run's recipe: changed across a resume, step k would no longer be the saved run's step k (another data
 # order or position, masking noise, loss, learning rate or update rule), so a resume must keep them. Every
-# other key may change: intervals, input threads, mesh, compute dtype, attention, remat, grad_accum_steps
+# other key may change: intervals, input threads, mesh, compute dtype, attention, kernels, remat, grad_accum_steps
 # (the same batch gradient), skip_nonfinite_steps, profiling, kNN, evaluation, init, dataset.data_dir.
 RUN_KEYS = (
     "seed",

@@ -67,6 +67,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.model.norm_pix_loss = True
     config.model.dtype = "float32"  # compute dtype, "float32" or "bfloat16"; params and optimizer stay float32
     config.model.attention = "xla"  # "xla" or "cudnn" (NVIDIA GPUs, bfloat16): jax.nn.dot_product_attention
+    # Backward passes of the blocks' LayerNorm, attention and GELU: "custom" (hand-written, faster on XLA:CPU)
+    # or "autodiff" (jax's, of the same forwards: for comparing on GPUs); the same results up to rounding
+    config.model.kernels = "custom"
     config.model.remat = False  # recompute block activations in the backward pass: less memory, more time
     # Run the encoder's and decoder's blocks as one scanned layer each (stacked parameters): XLA compiles one
     # block instead of all; saved parameters and exports stay in the unrolled layout (models/vit.py)
@@ -199,7 +202,7 @@ def model_config(config: ml_collections.ConfigDict) -> MAEConfig:
         decoder_depth=m.decoder_depth,
         decoder_heads=m.decoder_heads,
         norm_pix_loss=m.norm_pix_loss,
-        compute=Compute(m.dtype, m.attention, m.remat, m.scan_blocks),
+        compute=Compute(m.dtype, m.attention, m.remat, m.scan_blocks, m.kernels),
         mask_tokens_in_encoder=m.mask_tokens_in_encoder,
         masking=m.masking,
     )
@@ -256,9 +259,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     else:
         _validate_downstream(config)
     try:
-        check_kernels(config.model.attention, config.model.dtype, jax.default_backend())
+        check_kernels(config.model.attention, config.model.dtype, jax.default_backend(), config.model.kernels)
     except ValueError as error:
-        raise ConfigError(f"model.{error}") from None  # its messages name `attention=` and `dtype=`
+        raise ConfigError(f"model.{error}") from None  # its messages name `attention=`, `dtype=` and `kernels=`
     devices = jax.device_count()
     try:
         sharding.mesh_shape(config.mesh, devices)

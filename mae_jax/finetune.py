@@ -51,7 +51,7 @@ def classifier_config(config: ml_collections.ConfigDict) -> ClassifierConfig:
         protocol=config.task,
         global_pool=m.global_pool,
         drop_path=m.drop_path,
-        compute=Compute(m.dtype, m.attention, m.remat, m.scan_blocks),
+        compute=Compute(m.dtype, m.attention, m.remat, m.scan_blocks, m.kernels),
     )
 
 

@@ -44,7 +44,8 @@ class Classifier(nnx.Module):
             config.encoder, compute=config.compute, drop_path=config.drop_path, trained_pos_embed=True, rngs=rngs
         )
         if config.protocol == FINETUNE:
-            self.fc_norm = layer_norm(width, rngs, config.compute.jnp_dtype) if config.global_pool else None
+            compute = config.compute
+            self.fc_norm = layer_norm(width, rngs, compute.jnp_dtype, compute.kernels) if config.global_pool else None
             head_std = 2e-5
         else:
             self.head_norm = nnx.BatchNorm(

@@ -202,7 +202,7 @@ class Decoder(nnx.Module):
             ],
             compute.scan_blocks,
         )
-        self.norm = layer_norm(width, rngs, dtype)
+        self.norm = layer_norm(width, rngs, dtype, compute.kernels)
         self.pred = linear(width, enc.patch_dim, rngs, dtype)
 
     def __call__(self, latent: jax.Array, ids_restore: jax.Array | None) -> jax.Array:

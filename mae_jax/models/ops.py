@@ -6,11 +6,15 @@ the gradient of every block above in each block, `jax.nn.gelu`'s erfc lowering i
 hand-written backwards keep fewer and smaller arrays for the backward pass. Each kernel's docstring says
 what it changes and by how much; tests/test_ops.py checks each against jax's or flax's own.
 `fused_attention` is cuDNN's fused kernel instead, for NVIDIA GPUs in bfloat16 (`check_kernels`).
+The backwards were tuned on XLA:CPU; `KERNEL_SETS["autodiff"]` runs the same forwards with jax's own
+backward passes instead, for XLA:GPU, which may fuse those better (`Compute.kernels`; tests/test_kernels.py).
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -20,16 +24,19 @@ ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")  # `softmax_attention`; jax.nn.dot_
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
-def check_kernels(attention: str, dtype: str, backend: str | None = None) -> None:
-    """Raise a one-line ValueError unless the `attention` kernel runs in `dtype` (and on `backend`, given).
+def check_kernels(attention: str, dtype: str, backend: str | None = None, kernels: str = "custom") -> None:
+    """Raise a one-line ValueError unless the `attention` kernel runs in `dtype` (and on `backend`, given) and
+    `kernels` names a kernel set (`KERNEL_SETS`).
 
-    The messages name the values as `Compute` does (`dtype=`, `attention=`). Without `backend` the
-    machine is not checked: a model.json written on a GPU still loads on a CPU.
+    The messages name the values as `Compute` does (`dtype=`, `attention=`, `kernels=`). Without `backend`
+    the machine is not checked: a model.json written on a GPU still loads on a CPU.
     """
     if dtype not in COMPUTE_DTYPES:
         raise ValueError(f"dtype={dtype!r} must be one of {COMPUTE_DTYPES}")
     if attention not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(f"attention={attention!r} must be one of {ATTENTION_IMPLEMENTATIONS}")
+    if kernels not in KERNEL_SETS:
+        raise ValueError(f"kernels={kernels!r} must be one of {tuple(KERNEL_SETS)}")
     if attention == "cudnn" and (dtype != "bfloat16" or backend not in (None, "gpu")):
         raise ValueError("attention='cudnn' needs an NVIDIA GPU and dtype='bfloat16'")
 
@@ -89,13 +96,14 @@ layer_norm_function.defvjp(_layer_norm_forward, _layer_norm_backward)
 # ---------------------------------------------------------------------------------------------------
 
 
-def attention(qkv: jax.Array, implementation: str) -> jax.Array:
+def attention(qkv: jax.Array, implementation: str, kernels: str = "custom") -> jax.Array:
     """Self-attention on a fused (batch, tokens, 3, heads, head_dim) q/k/v array -> (batch, tokens, heads,
-    head_dim), with the kernel `implementation` names (one of ATTENTION_IMPLEMENTATIONS)."""
+    head_dim), with the kernel `implementation` names (one of ATTENTION_IMPLEMENTATIONS). The "xla" kernel
+    is the `softmax_attention` of the kernel set `kernels` names; "cudnn" is `fused_attention` whatever it is."""
     if implementation == "cudnn":
         return fused_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
     q, k, v = qkv.transpose(2, 0, 3, 1, 4)  # each (N, heads, L, head_dim)
-    return softmax_attention(q, k, v).transpose(0, 2, 1, 3)
+    return KERNEL_SETS[kernels].softmax_attention(q, k, v).transpose(0, 2, 1, 3)
 
 
 def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str = "cudnn") -> jax.Array:
@@ -179,3 +187,24 @@ def _gelu_backward(x: jax.Array, d_out: jax.Array) -> tuple[jax.Array]:
 
 
 gelu.defvjp(_gelu_forward, _gelu_backward)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Kernel sets: which backward passes the blocks run (`Compute.kernels`)
+# ---------------------------------------------------------------------------------------------------
+
+
+class Kernels(NamedTuple):
+    """The blocks' LayerNorm, softmax attention and GELU, each with one kind of backward pass."""
+
+    layer_norm: Callable[[jax.Array, jax.Array, jax.Array, float], jax.Array]  # (x, scale, bias, epsilon)
+    softmax_attention: Callable[[jax.Array, jax.Array, jax.Array], jax.Array]  # (q, k, v)
+    gelu: Callable[[jax.Array], jax.Array]
+
+
+# "custom": the hand-written backwards above. "autodiff": the functions those custom_vjps wrap (the same
+# forwards) for jax to differentiate: the backwards that were slower on XLA:CPU, which XLA:GPU may fuse better.
+KERNEL_SETS: dict[str, Kernels] = {
+    "custom": Kernels(layer_norm_function, softmax_attention, gelu),
+    "autodiff": Kernels(layer_norm_function.__wrapped__, softmax_attention.__wrapped__, gelu.__wrapped__),
+}

@@ -3,11 +3,12 @@
 Every choice that changes outputs follows the official code: LayerNorm eps 1e-6, exact (erf) GELU,
 fused qkv with bias, xavier-uniform linears with zero bias, fixed 2-D sin-cos position tables.
 The blocks run the hand-written kernels of `ops` (LayerNorm, attention, GELU). `Compute` changes only
-how they run (precision, attention kernel, recomputation, scanning), never the parameters' values, which
-stay float32. Scanned blocks (`Compute.scan_blocks`) hold the same values stacked along a leading layer axis:
-one Block whose variables are (depth, ...) arrays, run by `jax.lax.scan`, so that XLA compiles one block
-instead of `depth`. Only a run's train state keeps that layout; everything written outside it (parameter
-directories, exported encoders, converted files) is in the unrolled one (`unrolled_layout`).
+how they run (precision, attention kernel, backward passes, recomputation, scanning), never the parameters'
+values, which stay float32. Scanned blocks (`Compute.scan_blocks`) hold the same values stacked along a
+leading layer axis: one Block whose variables are (depth, ...) arrays, run by `jax.lax.scan`, so that XLA
+compiles one block instead of `depth`. Only a run's train state keeps that layout; everything written
+outside it (parameter directories, exported encoders, converted files) is in the unrolled one
+(`unrolled_layout`).
 """
 
 from __future__ import annotations
@@ -48,15 +49,18 @@ VARIANTS: dict[str, tuple[int, int, int]] = {
 
 @dataclasses.dataclass(frozen=True)
 class Compute:
-    """How the model runs: activation/matmul dtype, attention kernel, block rematerialization."""
+    """How the model runs: activation/matmul dtype, attention kernel, backward passes, block rematerialization."""
 
     dtype: str = "float32"  # params and optimizer state stay float32 either way; the loss is float32
     attention: str = "xla"  # "xla": `ops.softmax_attention`; "cudnn": `ops.fused_attention` (NVIDIA, bf16)
     remat: bool = False  # recompute each block's activations in the backward pass: less memory, ~1/3 more FLOPs
     scan_blocks: bool = False  # the blocks as one scanned layer (stacked parameters): one block to compile
+    # The backward passes of LayerNorm, softmax attention and GELU (`ops.KERNEL_SETS`): "custom" (hand-written,
+    # tuned on XLA:CPU) or "autodiff" (jax's, of the same forwards); attention="cudnn" is cuDNN's either way
+    kernels: str = "custom"
 
-    def __post_init__(self):
-        ops.check_kernels(self.attention, self.dtype)  # not the machine: a GPU run's model.json loads on a CPU
+    def __post_init__(self):  # not the machine: a GPU run's model.json loads on a CPU
+        ops.check_kernels(self.attention, self.dtype, kernels=self.kernels)
 
     @property
     def jnp_dtype(self) -> jnp.dtype:
@@ -197,18 +201,22 @@ def linear(in_features: int, out_features: int, rngs: nnx.Rngs, dtype: jnp.dtype
     return Linear(in_features, out_features, kernel_init=xavier_uniform, dtype=dtype, rngs=rngs)
 
 
-def layer_norm(width: int, rngs: nnx.Rngs, dtype: jnp.dtype = jnp.float32) -> LayerNorm:
+def layer_norm(width: int, rngs: nnx.Rngs, dtype: jnp.dtype = jnp.float32, kernels: str = "custom") -> LayerNorm:
     # Two-pass variance, as torch.nn.LayerNorm computes it; the statistics stay in float32.
-    return LayerNorm(width, epsilon=LAYER_NORM_EPS, use_fast_variance=False, dtype=dtype, rngs=rngs)
+    return LayerNorm(width, epsilon=LAYER_NORM_EPS, use_fast_variance=False, dtype=dtype, kernels=kernels, rngs=rngs)
 
 
 class LayerNorm(nnx.LayerNorm):
-    """nnx.LayerNorm (same parameters, bit-identical forward) with the hand-written backward of
-    `ops.layer_norm_function`."""
+    """nnx.LayerNorm (same parameters, bit-identical forward) with the backward of the kernel set `kernels`
+    (`Compute.kernels`): by default the hand-written one of `ops.layer_norm_function`."""
+
+    def __init__(self, *args: Any, kernels: str = "custom", **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.kernels = kernels
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x, scale, bias = self.promote_dtype((x, self.scale[...], self.bias[...]), dtype=self.dtype)
-        return ops.layer_norm_function(x, scale, bias, self.epsilon)
+        return ops.KERNEL_SETS[self.kernels].layer_norm(x, scale, bias, self.epsilon)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -373,24 +381,27 @@ class Attention(nnx.Module):
             raise ValueError(f"width {width} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.implementation = compute.attention
+        self.kernels = compute.kernels
         self.qkv = linear(width, 3 * width, rngs, compute.jnp_dtype)
         self.proj = linear(width, width, rngs, compute.jnp_dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         n, length, width = x.shape
         qkv = self.qkv(x.reshape(n * length, width)).reshape(n, length, 3, self.num_heads, width // self.num_heads)
-        out = ops.attention(qkv, self.implementation)
+        out = ops.attention(qkv, self.implementation, self.kernels)
         return self.proj(split_batch(out.reshape(n * length, width))).reshape(n, length, width)
 
 
 class Mlp(nnx.Module):
-    def __init__(self, width: int, hidden: int, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+    def __init__(self, width: int, hidden: int, *, dtype: jnp.dtype, kernels: str = "custom", rngs: nnx.Rngs):
         self.fc1 = linear(width, hidden, rngs, dtype)
         self.fc2 = linear(hidden, width, rngs, dtype)
+        self.kernels = kernels  # whose GELU: `ops.KERNEL_SETS`
 
     def __call__(self, x: jax.Array) -> jax.Array:
         tokens = x.reshape(-1, x.shape[-1])  # see `Attention`: linears on (tokens, width)
-        return self.fc2(split_batch(ops.gelu(self.fc1(tokens)))).reshape(x.shape)
+        hidden = ops.KERNEL_SETS[self.kernels].gelu(self.fc1(tokens))
+        return self.fc2(split_batch(hidden)).reshape(x.shape)
 
 
 def drop_path(x: jax.Array, rate: float | jax.Array, rngs: nnx.Rngs | None) -> jax.Array:
@@ -412,10 +423,10 @@ class Block(nnx.Module):
     """
 
     def __init__(self, width: int, num_heads: int, mlp_ratio: int, *, compute: Compute, rngs: nnx.Rngs):
-        self.norm1 = layer_norm(width, rngs, compute.jnp_dtype)
+        self.norm1 = layer_norm(width, rngs, compute.jnp_dtype, compute.kernels)
         self.attn = Attention(width, num_heads, compute=compute, rngs=rngs)
-        self.norm2 = layer_norm(width, rngs, compute.jnp_dtype)
-        self.mlp = Mlp(width, mlp_ratio * width, dtype=compute.jnp_dtype, rngs=rngs)
+        self.norm2 = layer_norm(width, rngs, compute.jnp_dtype, compute.kernels)
+        self.mlp = Mlp(width, mlp_ratio * width, dtype=compute.jnp_dtype, kernels=compute.kernels, rngs=rngs)
 
     def __call__(
         self, x: jax.Array, rngs: nnx.Rngs | None = None, drop_path_rate: float | jax.Array = 0.0
@@ -461,7 +472,7 @@ class Encoder(nnx.Module):
             ],
             compute.scan_blocks,
         )
-        self.norm = layer_norm(config.width, rngs, compute.jnp_dtype)
+        self.norm = layer_norm(config.width, rngs, compute.jnp_dtype, compute.kernels)
 
     def embed_patches(self, patches: jax.Array, positions: jax.Array | None = None) -> jax.Array:
         """(N, T, p*p*3) pixel patches -> (N, T, D) tokens with their position embedding, no cls token.
