@@ -302,6 +302,8 @@ def benchmark(
 
     xla = facts["xla_flops"]
     xla_text = f"{xla / 1e9:.1f} GFLOP" if xla else "unavailable"
+    if xla and config.model.scan_blocks:  # XLA's cost analysis counts a while loop's body once
+        xla_text += " (scanned blocks: each loop body counted once)"
     print(
         f"compile {facts['compile_s']:.1f} s; per step: model {mae.flops / 1e9:.1f} GFLOP (matmuls, forward and "
         f"backward), XLA cost analysis {xla_text}"
