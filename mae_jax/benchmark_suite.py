@@ -12,7 +12,8 @@ computed from the items' JSON, the failed and skipped items, and every item's JS
 All items compute in bfloat16 on ViT-L/16 (configs/vit_large.py) or ViT-H/14 (configs/vit_huge.py), in the
 configs' default block layout except `layouts`. Compilation dominates (ViT-L/16 unrolled: 140-163 s on an
 H100), so the items share a fresh persistent compilation cache: a later item whose step an earlier one
-compiled loads it in seconds (its compile time is then marked as a cache load). Expected time per item on one
+compiled loads it in seconds (its compile time is then marked as a cache load), and XLA:GPU's per-fusion
+autotuning cache, so a new step does not tune the GEMM shapes an earlier one tuned. Expected time per item on one
 H100 or H200, with the unrolled default (`COMPILE_S` has the guesses for scanned blocks; `estimate_s` computes
 them): 20 s to start a process, plus the compile, plus 15 s with PyTorch in the run:
 
@@ -238,7 +239,9 @@ def run_item(item: Item, command: list[str], env: dict[str, str], timeout_s: flo
 
 def item_env(item: Item, cache_dir: pathlib.Path, dry_run: bool) -> dict[str, str]:
     env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(cache_dir), "PYTHONUNBUFFERED": "1"}
-    xla_flags = [os.environ.get("XLA_FLAGS", ""), DRY_RUN_XLA_FLAGS if dry_run else "", item.xla_flags]
+    # GEMM autotuning results shared across items too: the same shapes are not tuned again in each process
+    autotune = f"--xla_gpu_per_fusion_autotune_cache_dir={cache_dir / 'autotune'}"
+    xla_flags = [os.environ.get("XLA_FLAGS", ""), autotune, DRY_RUN_XLA_FLAGS if dry_run else "", item.xla_flags]
     if any(xla_flags):
         env["XLA_FLAGS"] = " ".join(flag for flag in xla_flags if flag)
     if item.torch:  # JAX would otherwise take 75 % of the GPU's memory up front, and PyTorch run out of it

@@ -17,14 +17,20 @@ def test_benchmark_prints_its_figures(tmp_path: pathlib.Path):
     command = [
         sys.executable, "-m", "mae_jax.benchmark", "--config=configs/demo.py", "--config.image_size=32",
         "--config.batch_size=8", "--config.model.decoder_width=32", "--config.model.decoder_depth=1",
-        "--config.model.decoder_heads=2", "--rounds=2", "--baseline", "--torch", f"--profile={tmp_path}",
+        "--config.model.decoder_heads=2", "--rounds=2", "--baseline", "--torch", "--both_layouts",
+        f"--profile={tmp_path}",
     ]  # fmt: skip
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     number = r"[\d.]+"
-    for name in ("mae_jax", "mae_jax, mask tokens in encoder", "PyTorch ViTMAE (cpu)"):  # step s, images/s, ..., MFU
+    names = ("mae_jax", "mae_jax, mask tokens in encoder", "mae_jax, scanned blocks", "PyTorch ViTMAE (cpu)")
+    for name in names:  # step s, images/s, ..., MFU
         assert re.search(rf"^{re.escape(name)} +{number} +{number} +{number} +{number} +{number}%$", out, re.M), out
+    assert "remat False, scan_blocks False;" in out, out
+    assert re.search(rf"^compile {number} s; per step", out, re.M), out
+    compared = rf"compile {number} s \({number}x mae_jax's {number} s\), step {number}x mae_jax's"
+    assert re.search(rf"^mae_jax, scanned blocks: {compared}", out, re.M), out
     assert re.search(rf"MAE speedup over the mask-token baseline: {number}x", out), out
     assert re.search(rf"mae_jax vs PyTorch ViTMAE \(cpu\): {number}x", out), out
     assert re.search(rf"peak: float32 2048\^3 matmul measured in this run, {number} TFLOP/s", out), out
@@ -32,23 +38,6 @@ def test_benchmark_prints_its_figures(tmp_path: pathlib.Path):
     assert "glibc malloc: one arena, no mmap, no trimming" in out, out
     assert f"profile in {tmp_path}: no device operations" in out, out  # CPU: XLA's work is on host threads
     assert len(list(tmp_path.glob("plugins/profile/*/perfetto_trace.json.gz"))) == 1
-
-
-def test_benchmark_compares_compile_and_step_time_of_both_layouts():
-    command = [
-        sys.executable, "-m", "mae_jax.benchmark", "--config=configs/demo.py", "--config.image_size=32",
-        "--config.batch_size=8", "--config.model.decoder_width=32", "--config.model.decoder_depth=1",
-        "--config.model.decoder_heads=2", "--config.model.scan_blocks=true", "--rounds=1", "--both_layouts",
-    ]  # fmt: skip
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
-    assert result.returncode == 0, result.stderr[-3000:]
-    out, number = result.stdout, r"[\d.]+"
-    assert "remat False, scan_blocks True;" in out, out
-    assert re.search(rf"^compile {number} s; per step", out, re.M), out
-    for name in ("mae_jax", "mae_jax, unrolled blocks"):
-        assert re.search(rf"^{re.escape(name)} +{number} +{number} +{number} +{number} +{number}%$", out, re.M), out
-    compared = rf"compile {number} s \({number}x mae_jax's {number} s\), step {number}x mae_jax's"
-    assert re.search(rf"^mae_jax, unrolled blocks: {compared}", out, re.M), out
 
 
 @pytest.mark.parametrize("task", ["finetune", "linprobe"])

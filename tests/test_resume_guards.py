@@ -198,6 +198,7 @@ def test_keys_that_do_not_change_a_step_may_change_across_a_resume(preempted: pa
     shutil.copytree(preempted, workdir)
     free = {  # num_epochs 2 of the 16 photos in batches of 8 resolves to the same 4 steps
         "total_steps": -1, "num_epochs": 2, "grad_accum_steps": 2, "skip_nonfinite_steps": 3, "model.remat": True,
+        "model.kernels": "autodiff",
         "log_every_steps": 1, "checkpoint_every_steps": 1, "keep_checkpoints": 1,
         "evals.reconstruction.every_steps": 2, "evals.reconstruction.num_images": 1, "input.num_threads": 1,
         "input.resize_on_device": False, "evals.knn.k": 5,
