@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -86,3 +88,15 @@ def run_main(workdir: pathlib.Path, *overrides: str) -> subprocess.CompletedProc
     return subprocess.run(
         main_command(workdir, *overrides), cwd=REPO, capture_output=True, text=True, timeout=600, check=False
     )
+
+
+def run_on_eight_devices(script: str) -> dict:
+    """The JSON that `script` (a test module run as a program) prints last, run on 8 forced host devices: the
+    multi-device checks need the flag before JAX starts, so in a process of their own."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    result = subprocess.run(
+        [sys.executable, script], env=env, cwd=REPO, capture_output=True, text=True, timeout=600, check=False
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])

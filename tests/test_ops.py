@@ -16,9 +16,11 @@ from mae_jax.models.vit import Block, Compute, layer_norm, run_blocks
 from tests.conftest import tiny_train_config
 
 
+@pytest.mark.parametrize("kernels", ["custom", "autodiff"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_layer_norm_is_flax_forward_with_the_same_gradients(dtype):
-    ours = layer_norm(64, nnx.Rngs(0), dtype)
+def test_layer_norm_is_flax_forward_with_the_same_gradients(dtype, kernels: str):
+    """Both kernel sets (`model.kernels`): the hand-written backward and jax's autodiff of the same forward."""
+    ours = layer_norm(64, nnx.Rngs(0), dtype, kernels=kernels)
     theirs = nnx.LayerNorm(64, epsilon=1e-6, use_fast_variance=False, dtype=dtype, rngs=nnx.Rngs(0))
     for norm in (ours, theirs):  # off init, so that a swapped scale and bias would show
         norm.scale[...] = jax.random.normal(jax.random.key(1), (64,))

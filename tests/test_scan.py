@@ -13,11 +13,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 import pathlib
 import shutil
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +28,7 @@ from mae_jax import checkpointing, convert, finetune, optim, pretrained, shardin
 from mae_jax.models.classifier import Classifier, ClassifierConfig
 from mae_jax.models.mae import MAE
 from mae_jax.models.vit import Compute, scanned_layout, unrolled_layout
-from tests.conftest import REPO, TINY, tiny_downstream_config, tiny_train_config
+from tests.conftest import TINY, run_on_eight_devices, tiny_downstream_config, tiny_train_config
 
 SCANNED = dataclasses.replace(TINY, compute=Compute(scan_blocks=True))
 TOLERANCE = 1e-6
@@ -289,13 +286,7 @@ def worker() -> None:
 
 @functools.cache
 def eight_device_results() -> dict:
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    result = subprocess.run(
-        [sys.executable, __file__], env=env, cwd=REPO, capture_output=True, text=True, timeout=600, check=False
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return run_on_eight_devices(__file__)
 
 
 def test_fsdp_shards_stacked_kernels_within_each_layer_and_trains_as_one_device():

@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import re
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -20,7 +17,7 @@ import pytest
 from ml_collections import ConfigDict
 
 from mae_jax import sharding
-from tests.conftest import REPO
+from tests.conftest import run_on_eight_devices
 
 BATCH = 16  # 2 images per device
 STEPS = 2
@@ -83,13 +80,7 @@ def worker() -> None:
 
 @functools.cache
 def eight_device_results() -> dict:
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    result = subprocess.run(
-        [sys.executable, __file__], env=env, cwd=REPO, capture_output=True, text=True, timeout=600, check=False
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return run_on_eight_devices(__file__)
 
 
 def assert_same_training(a: dict, b: dict) -> None:
