@@ -4,6 +4,8 @@ the trained position table."""
 
 from __future__ import annotations
 
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,7 +18,7 @@ from mae_jax import convert
 from mae_jax.models.classifier import FINETUNE, LINPROBE, Classifier, ClassifierConfig
 from mae_jax.models.mae import MAE, MAEConfig
 from mae_jax.models.vit import drop_path
-from tests.conftest import TINY
+from tests.conftest import TINY, run_on_eight_devices
 
 ENCODER = TINY.encoder  # mu/8 at 32 px, as the tiny MAE of conftest
 HEADS = ("fc_norm.", "head.")  # the official names of what the classifier adds to the encoder
@@ -105,7 +107,13 @@ def test_forward_matches_the_official_model(protocol: str, global_pool: bool):
 def test_linprobe_batch_norm_has_no_affine_parameters():
     model = Classifier(ClassifierConfig(ENCODER, 10, protocol=LINPROBE), rngs=nnx.Rngs(0))
     assert nnx.to_pure_dict(nnx.state(model.head_norm, nnx.Param)) == {}
-    assert set(nnx.to_pure_dict(nnx.state(model.head_norm, nnx.BatchStat))) == {"mean", "var"}
+    statistics = nnx.to_pure_dict(nnx.state(model.head_norm, nnx.BatchStat))  # checkpoints' layout: flax's
+    assert {name: (x.shape, x.dtype) for name, x in statistics.items()} == {
+        "mean": ((ENCODER.width,), jnp.float32),
+        "var": ((ENCODER.width,), jnp.float32),
+    }
+    flax_batch_norm = nnx.BatchNorm(ENCODER.width, use_scale=False, use_bias=False, rngs=nnx.Rngs(0))  # until 02822c5
+    assert jax.tree.structure(nnx.state(model.head_norm)) == jax.tree.structure(nnx.state(flax_batch_norm))
     assert model.head_norm.epsilon == 1e-6
     assert not hasattr(model, "fc_norm")
     assert float(jnp.std(model.head.kernel[...])) == pytest.approx(0.01, rel=0.2)  # official head init
@@ -120,8 +128,9 @@ def test_linprobe_normalizes_with_batch_statistics_as_torch_batch_norm_and_freez
     normalized = official.train()(features).detach().numpy()
     logits = model(images, train=True)
     np.testing.assert_allclose(logits, model.head(jnp.asarray(normalized)), atol=1e-4, rtol=0)
-    # The running mean moved 10 % of the way to the batch's, as PyTorch's does.
+    # The running statistics moved 10 % of the way to the batch's, as PyTorch's do: the variance's unbiased.
     np.testing.assert_allclose(model.head_norm.mean[...], official.running_mean.numpy(), atol=1e-6, rtol=0)
+    np.testing.assert_allclose(model.head_norm.var[...], official.running_var.numpy(), atol=0, rtol=1e-5)
 
     def loss(model: Classifier) -> jax.Array:
         return model(images, train=True).sum()
@@ -129,6 +138,64 @@ def test_linprobe_normalizes_with_batch_statistics_as_torch_batch_norm_and_freez
     grads = nnx.grad(loss)(model)
     assert all(float(jnp.abs(g).max()) == 0 for g in jax.tree.leaves(pure(grads)["encoder"]))
     assert float(jnp.abs(grads["head"]["kernel"][...]).max()) > 0
+
+
+def test_linprobe_running_statistics_are_torch_batch_norms_over_several_updates():
+    """main_linprobe.py's BatchNorm1d(affine=False, eps=1e-6): batches of different sizes and statistics move the
+    running mean and the unbiased running variance; evaluation normalizes with them."""
+    head_norm = Classifier(ClassifierConfig(ENCODER, 10, protocol=LINPROBE), rngs=nnx.Rngs(0)).head_norm
+    official = torch.nn.BatchNorm1d(ENCODER.width, affine=False, eps=1e-6).train()  # momentum 0.1
+    rng = np.random.default_rng(3)
+    for rows, offset, scale in ((4, 2.0, 3.0), (7, -1.0, 0.5), (16, 0.5, 10.0), (2, 4.0, 1.0)):
+        batch = (offset + scale * rng.standard_normal((rows, ENCODER.width))).astype(np.float32)
+        expected = official(torch.from_numpy(batch)).numpy()
+        np.testing.assert_allclose(head_norm(jnp.asarray(batch), use_running_average=False), expected, atol=2e-5)
+        np.testing.assert_allclose(head_norm.mean[...], official.running_mean.numpy(), atol=1e-6, rtol=1e-6)
+        np.testing.assert_allclose(head_norm.var[...], official.running_var.numpy(), atol=1e-6, rtol=1e-5)
+    test = rng.standard_normal((5, ENCODER.width)).astype(np.float32)
+    expected = official.eval()(torch.from_numpy(test)).numpy()
+    np.testing.assert_allclose(head_norm(jnp.asarray(test), use_running_average=True), expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"^BatchNorm needs more than 1 row per training batch, got 1 \(as torch's\)$"):
+        head_norm(jnp.asarray(test[:1]), use_running_average=False)  # torch: "Expected more than 1 value per channel"
+
+
+SHARDED_BATCH_NORM = """
+import json
+import jax
+import numpy as np
+from flax import nnx
+from mae_jax.models.classifier import BATCH_NORM_MOMENTUM, TorchBatchNorm
+from tests.conftest import TINY
+
+head_norm = TorchBatchNorm(TINY.encoder.width, epsilon=1e-6, momentum=BATCH_NORM_MOMENTUM)  # a probe's head_norm
+graphdef, state = nnx.split(head_norm)
+mesh = jax.make_mesh((8,), ("data",))
+rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+batch = np.random.default_rng(4).standard_normal((16, TINY.encoder.width)).astype(np.float32) * 3 + 1
+
+
+@jax.jit
+def update(state, x):
+    model = nnx.merge(graphdef, state)
+    model(x, use_running_average=False)
+    return nnx.state(model)
+
+
+sharded = jax.device_put(batch, rows)
+assert len(sharded.addressable_shards) == 8 and sharded.addressable_shards[0].data.shape == (2, TINY.encoder.width)
+state = update(state, sharded)
+print(json.dumps({"batch": batch.tolist(), "var": np.asarray(state["var"][...]).tolist()}))
+"""
+
+
+def test_linprobe_running_variance_of_a_sharded_batch_is_the_global_batchs(tmp_path: pathlib.Path):
+    """Rows split over 8 devices (2 each): the variance and its n / (n - 1) are the global batch's, n = 16."""
+    script = tmp_path / "sharded_batch_norm.py"
+    script.write_text(SHARDED_BATCH_NORM)
+    result = run_on_eight_devices(str(script))
+    official = torch.nn.BatchNorm1d(ENCODER.width, affine=False, eps=1e-6).train()
+    official(torch.tensor(result["batch"]))
+    np.testing.assert_allclose(result["var"], official.running_var.numpy(), atol=1e-6, rtol=1e-5)
 
 
 def test_drop_path_rates_rise_with_depth_and_drop_whole_samples():

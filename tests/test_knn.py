@@ -1,9 +1,10 @@
 """Weighted kNN: hand-computed votes, blobs vs random labels, the evaluator's features and class-stratified
-subsets, the train loop's summary."""
+subsets, chance on random labels when both subsets come from one split, the train loop's summary."""
 
 from __future__ import annotations
 
 import pathlib
+import types
 
 import jax
 import numpy as np
@@ -15,7 +16,7 @@ from mae_jax import configuration, input_pipeline, sharding, train
 from mae_jax.configuration import ConfigError
 from mae_jax.evaluators.knn import KnnEvaluator, knn_classify, knn_votes
 from tests.conftest import tiny_train_config
-from tests.test_input_pipeline import write_fashion_mnist
+from tests.test_input_pipeline import write_fashion_mnist, write_idx
 
 
 def fashion_config(data_dir: pathlib.Path, **overrides):
@@ -102,6 +103,28 @@ def test_knn_subsets_of_a_class_sorted_folder_cover_every_class(tmp_path: pathli
     )
     # the first 50 training images are classes 0-2 only, which would cap the accuracy at 0.3 (chance: 0.1)
     assert knn_evaluator(config).run(tiny_model)["knn_top1"] >= 0.9
+
+
+def test_knn_on_one_split_reads_chance_for_random_labels(tmp_path: pathlib.Path):
+    """Noise images with random labels, features a fixed random projection of the pixels: nothing to learn, so
+    about 1/4 right. An eval image that is also a training one finds itself (similarity 1) and reads 100 %."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (400, 28, 28))
+    write_idx(tmp_path / "train-images-idx3-ubyte.gz", images)
+    write_idx(tmp_path / "train-labels-idx1-ubyte.gz", rng.integers(0, 4, 400))
+    config = fashion_config(
+        tmp_path, **{"evals.knn.eval_split": "train", "evals.knn.num_train": 200, "evals.knn.num_eval": 200}
+    )
+    evaluator = knn_evaluator(config)
+    projection = rng.normal(size=(28 * 28, 64))
+
+    def random_features(encoder: None, source) -> tuple[np.ndarray, np.ndarray]:
+        records = [source[i] for i in range(len(source))]
+        pixels = np.stack([record["image"].reshape(-1) for record in records]) / 255.0 - 0.5
+        return pixels @ projection, np.array([record["label"] for record in records])
+
+    evaluator.features = random_features
+    assert 0.15 <= evaluator.run(types.SimpleNamespace(encoder=None))["knn_top1"] <= 0.35  # chance: 0.25 +- 0.03
 
 
 def test_unlabeled_data_is_refused_at_start():

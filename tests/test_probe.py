@@ -1,6 +1,6 @@
 """Online linear probe: the head learns separable features and reaches what torch's L-BFGS logistic regression
-reaches, standardizes as torch's BatchNorm1d(affine=False) in train mode, the evaluator separates toy classes,
-a pretraining run writes `probe_top1`, bad configs fail in one line."""
+reaches, standardizes as torch's BatchNorm1d(affine=False) in train and eval mode, the evaluator separates toy
+classes, a pretraining run writes `probe_top1`, bad configs fail in one line."""
 
 from __future__ import annotations
 
@@ -47,13 +47,21 @@ def test_head_learns_separable_features_to_100_percent_and_depends_only_on_the_s
     assert not np.array_equal(other_seed.kernel, head.kernel)
 
 
-def test_standardization_is_torch_batch_norm_without_affine_in_train_mode():
+def test_standardization_is_torch_batch_norm_without_affine_in_train_and_eval_mode():
+    """The official probe's head_norm, fed the training features as one batch: train mode normalizes with their
+    biased variance, and keeps the unbiased one (n / (n - 1)) as running_var, which the head evaluates with."""
     rng = np.random.default_rng(1)
     features, labels = blobs(rng, rng.normal(size=(3, 16)), 300, 1.0)
+    test_features = blobs(rng, rng.normal(size=(3, 16)), 50, 1.0)[0]
     head = fit(features, labels, 3)
-    batch_norm = torch.nn.BatchNorm1d(16, affine=False, eps=1e-6).train()  # the official probe's head_norm
+    batch_norm = torch.nn.BatchNorm1d(16, affine=False, eps=1e-6, momentum=None).train()  # running: plain mean
     expected = batch_norm(torch.from_numpy(features)).numpy()
-    np.testing.assert_allclose(standardize(features, head.mean, head.var), expected, rtol=1e-4, atol=1e-4)
+    biased = np.var(features.astype(np.float64), axis=0)
+    np.testing.assert_allclose(standardize(features, head.mean, biased), expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(head.mean, batch_norm.running_mean.numpy(), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(head.var, batch_norm.running_var.numpy(), rtol=1e-5, atol=0)
+    expected = batch_norm.eval()(torch.from_numpy(test_features)).numpy()
+    np.testing.assert_allclose(standardize(test_features, head.mean, head.var), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_head_reaches_the_accuracy_of_torch_lbfgs_logistic_regression():

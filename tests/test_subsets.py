@@ -1,7 +1,9 @@
-"""Few-label subsets drawn at random and stratified by class; labels a classifier cannot learn refused in one line."""
+"""Few-label subsets drawn at random and stratified by class, disjoint where the monitors draw two from one split;
+labels a classifier cannot learn refused in one line."""
 
 from __future__ import annotations
 
+import logging
 import pathlib
 
 import jax
@@ -12,6 +14,7 @@ from PIL import Image
 
 from mae_jax import finetune, input_pipeline
 from mae_jax.configuration import ConfigError
+from mae_jax.evaluators import eval_input
 from tests.conftest import tiny_downstream_config, tiny_train_config, with_overrides
 from tests.test_input_pipeline import write_fashion_mnist, write_idx
 
@@ -67,6 +70,57 @@ def test_sample_subset_without_cheap_labels_is_uniform_and_seeded():
     again = input_pipeline.sample_subset(source, 100, seed=0)
     assert names == [int(again[i]["name"]) for i in range(len(again))]
     assert input_pipeline.known_labels(subset) is None
+
+
+def fashion_probe_config(data_dir: pathlib.Path, num_train: int, num_eval: int):
+    """The online probe on both splits "train" of a Fashion-MNIST mock (evals.probe.train_split is "train")."""
+    return tiny_train_config(
+        **{
+            "dataset.source": "fashion_mnist",
+            "dataset.data_dir": str(data_dir),
+            "evals.probe.eval_split": "train",
+            "evals.probe.num_train": num_train,
+            "evals.probe.num_eval": num_eval,
+        }
+    )
+
+
+def test_one_split_gives_disjoint_stratified_subsets_and_says_so(tmp_path: pathlib.Path, caplog):
+    """Drawn apart, the eval subset of a split would lie inside its train subset (both start from one seed)."""
+    write_fashion_mnist(tmp_path, num_train=100, num_test=4)  # labels 0, 1, 2, 3, 0, ...: 25 of each class
+    with caplog.at_level(logging.INFO):
+        train, other = eval_input.labeled_subsets(fashion_probe_config(tmp_path, 40, 20), "probe")
+    names = [{subset[i]["name"] for i in range(len(subset))} for subset in (train, other)]
+    assert len(names[0]) == 40 and len(names[1]) == 20 and not names[0] & names[1]
+    assert np.bincount(train.labels()).tolist() == [10] * 4 and np.bincount(other.labels()).tolist() == [5] * 4
+    assert "evals.probe: train_split and eval_split are both 'train': 40 and 20 disjoint examples of its 100" in [
+        record.getMessage() for record in caplog.records
+    ]
+    # all of the split, as two disjoint parts
+    train, other = eval_input.labeled_subsets(fashion_probe_config(tmp_path, 70, 30), "probe")
+    names = [subset[i]["name"] for subset in (train, other) for i in range(len(subset))]
+    assert sorted(names) == sorted(f"fashion_mnist/train:{i}" for i in range(100))
+
+
+def test_disjoint_subsets_without_cheap_labels_are_one_permutation():
+    source = [{"image": np.zeros((2, 2, 3), np.uint8), "label": 0, "name": str(i)} for i in range(1000)]
+    train, other = eval_input.disjoint_subsets(source, 300, 200, seed=0)
+    train_names, other_names = ([int(s[i]["name"]) for i in range(len(s))] for s in (train, other))
+    assert len(set(train_names)) == 300 and len(set(other_names)) == 200 and not set(train_names) & set(other_names)
+    assert max(other_names) > 500 and train_names == sorted(train_names)  # at random, sorted for reading
+    again = eval_input.disjoint_subsets(source, 300, 200, seed=0)
+    assert [int(again[1][i]["name"]) for i in range(200)] == other_names
+
+
+def test_one_split_too_small_for_both_subsets_is_refused_in_one_line(tmp_path: pathlib.Path):
+    write_fashion_mnist(tmp_path, num_train=100, num_test=4)
+    message = (
+        "evals.probe.train_split and eval_split are both 'train', whose 100 examples are fewer than num_train=90 + "
+        "num_eval=20: lower them or set another eval_split"
+    )
+    with pytest.raises(ConfigError) as error:
+        eval_input.labeled_subsets(fashion_probe_config(tmp_path, 90, 20), "probe")
+    assert str(error.value) == message
 
 
 # ---------------------------------------------------------------------------------------------------

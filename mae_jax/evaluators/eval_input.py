@@ -10,9 +10,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
 from flax import nnx
 
 from mae_jax import input_pipeline, sharding
+from mae_jax.configuration import ConfigError
 from mae_jax.models.vit import Encoder
 
 
@@ -59,15 +61,57 @@ def labeled_subsets(config: ml_collections.ConfigDict, name: str) -> tuple[Seque
     """The (train, eval) subsets of `config.evals.<name>`: `num_train` examples of `train_split` and `num_eval`
     of `eval_split`, drawn with `config.seed` (`input_pipeline.sample_subset`), the same at every evaluation.
 
-    Unlabeled data or splits with different class folders fail here, at the start of the run.
+    When the two splits are one, the subsets are disjoint (`disjoint_subsets`), and the log says so: drawn
+    apart, the eval subset would lie inside the train one, and every eval image would find itself. Unlabeled
+    data, splits with different class folders or a shared split too small for both fail here, at the start of
+    the run.
     """
     settings = config.evals[name]
+    if settings.train_split == settings.eval_split:
+        source = _labeled_split(config.dataset, settings.train_split, name)
+        if len(source) < settings.num_train + settings.num_eval:
+            raise ConfigError(
+                f"evals.{name}.train_split and eval_split are both {settings.train_split!r}, whose {len(source)} "
+                f"examples are fewer than num_train={settings.num_train} + num_eval={settings.num_eval}: lower them "
+                "or set another eval_split"
+            )
+        logging.info(
+            "evals.%s: train_split and eval_split are both %r: %d and %d disjoint examples of its %d",
+            name,
+            settings.train_split,
+            settings.num_train,
+            settings.num_eval,
+            len(source),
+        )
+        return disjoint_subsets(source, settings.num_train, settings.num_eval, config.seed)
     train, other = (
         input_pipeline.sample_subset(_labeled_split(config.dataset, split, name), count, config.seed)
         for split, count in ((settings.train_split, settings.num_train), (settings.eval_split, settings.num_eval))
     )
     input_pipeline.check_same_classes(train, other)
     return train, other
+
+
+def disjoint_subsets(
+    source: Sequence, num_train: int, num_eval: int, seed: int
+) -> tuple[input_pipeline.Subset, input_pipeline.Subset]:
+    """Two disjoint subsets of `num_train` and `num_eval` records (together at most len(source)), drawn with
+    `seed`, the same on every host and at every restart.
+
+    Where the labels are known cheaply (`input_pipeline.known_labels`), the num_train + num_eval records are
+    drawn stratified by class, and the train subset stratified among them; the eval subset, the rest, keeps each
+    class's share within two records. Elsewhere both are consecutive runs of one random permutation.
+    """
+    labels = input_pipeline.known_labels(source)
+    if labels is None:
+        order = np.random.default_rng(seed).permutation(len(source))
+        train, other = order[:num_train], order[num_train : num_train + num_eval]
+    else:
+        both = input_pipeline.stratified_indices(labels, num_train + num_eval, seed)
+        in_train = np.zeros(len(both), bool)
+        in_train[input_pipeline.stratified_indices(labels[both], num_train, seed)] = True
+        train, other = both[in_train], both[~in_train]
+    return input_pipeline.Subset(source, np.sort(train)), input_pipeline.Subset(source, np.sort(other))
 
 
 def _labeled_split(dataset: ml_collections.ConfigDict, split: str, name: str) -> Sequence:

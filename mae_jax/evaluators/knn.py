@@ -71,8 +71,8 @@ class KnnEvaluator(Evaluator):
 
     The sources are opened here, so a missing split or unlabeled data fails at start. Each split is a subset
     of `num_train` / `num_eval` examples drawn with `config.seed` (`eval_input.labeled_subsets`: stratified
-    by class where labels are cheap), the same at every evaluation, on every host; `features` extracts their
-    cls features (`eval_input.ClsFeatures`), replicated to every host.
+    by class where labels are cheap, disjoint when both are of one split), the same at every evaluation, on every
+    host; `features` extracts their cls features (`eval_input.ClsFeatures`), replicated to every host.
     """
 
     name = "knn"

@@ -7,7 +7,8 @@ after the encoder's final norm, on center-cropped images. The head is the offici
 affine (eps 1e-6) then a linear layer, trained with cross-entropy on cached features, so that a whole
 training is one jitted call. It differs from the offline probe in what makes it cheap: no augmentation (one
 feature vector per image), Adam with a cosine decay instead of LARS, and the BatchNorm statistics of all the
-training features instead of running averages of batch statistics.
+training features instead of running averages of batch statistics: training normalizes with their mean and
+biased variance, evaluation with the unbiased one, as torch's BatchNorm1d after one pass over them as a batch.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ def standardize(features: jax.Array, mean: jax.Array, var: jax.Array) -> jax.Arr
 
 
 class LinearHead(NamedTuple):
-    """A trained probe head: the training features' mean and (biased) variance, then logits = x @ kernel + bias."""
+    """A trained probe head: the training features' mean and unbiased variance (torch's running statistics), then
+    logits = x @ kernel + bias."""
 
     mean: jax.Array  # (width,)
     var: jax.Array  # (width,)
@@ -64,12 +66,14 @@ def fit_linear_head(
     `batch_size` rows (at most n; each epoch drops the n % batch_size rows its shuffle puts last), Adam with
     a cosine decay from `learning_rate` to 0, softmax cross-entropy, no weight decay (as the official probe).
 
-    The initialization and the shuffles are drawn from `seed`, so the same inputs give the same head.
+    The initialization and the shuffles are drawn from `seed`, so the same inputs give the same head. Training
+    normalizes with the biased variance, the head keeps the unbiased one, as BatchNorm1d in train and eval mode.
     """
     features = jnp.asarray(features, jnp.float32)
     mean, var = jnp.mean(features, axis=0), jnp.var(features, axis=0)
     x = standardize(features, mean, var)
     n, width = x.shape
+    running_var = var * n / max(n - 1, 1)  # torch's running_var of one batch of all n rows (n > 1)
     batch_size = min(batch_size, n)
     steps_per_epoch = n // batch_size
     init_key, shuffle_key = jax.random.split(jax.random.key(seed))
@@ -94,7 +98,7 @@ def fit_linear_head(
 
     start = (params, optimizer.init(params))
     (params, _), _ = jax.lax.scan(epoch, start, jax.random.split(shuffle_key, epochs))
-    return LinearHead(mean, var, params["kernel"], params["bias"])
+    return LinearHead(mean, running_var, params["kernel"], params["bias"])
 
 
 class ProbeEvaluator(Evaluator):
@@ -102,7 +106,8 @@ class ProbeEvaluator(Evaluator):
     the same number.
 
     The subsets are those of the kNN monitor (`eval_input.labeled_subsets`: `num_train` and `num_eval`
-    examples drawn with `config.seed`, stratified by class where labels are cheap), opened and checked here,
+    examples drawn with `config.seed`, stratified by class where labels are cheap, disjoint when both are of one
+    split), opened and checked here,
     at start. Each evaluation trains a new head on the `num_train` features with `config.seed`: the number
     depends on the encoder only.
     """

@@ -4,7 +4,8 @@ Fine-tuning (official `models_vit.VisionTransformer(global_pool=True)`): average
 `fc_norm` LayerNorm, linear head initialised with std 2e-5; drop path in the blocks. The position table is
 a parameter, as in timm's ViT: fine-tuning trains it, starting from the pretrained sin-cos table.
 Linear probing (official `main_linprobe.py`): cls token after the encoder's final norm, BatchNorm without
-affine (eps 1e-6), linear head initialised with std 0.01; the encoder is frozen by the training loop.
+affine (eps 1e-6, torch's running statistics: `TorchBatchNorm`), linear head initialised with std 0.01; the
+encoder is frozen by the training loop.
 """
 
 from __future__ import annotations
@@ -20,6 +21,38 @@ from mae_jax.models.vit import Compute, Encoder, EncoderConfig, layer_norm, trun
 FINETUNE, LINPROBE = "finetune", "linprobe"
 # PyTorch's BatchNorm1d momentum 0.1 is flax's 0.9: the running average keeps 90 % of its old value.
 BATCH_NORM_MOMENTUM = 0.9
+
+
+class TorchBatchNorm(nnx.Module):
+    """BatchNorm without affine over the rows of (N, width) features, keeping running statistics as torch's
+    `BatchNorm1d` does: training normalizes with the batch's mean and biased variance, and the running variance
+    averages the unbiased one (N / (N - 1) times it), which evaluation then normalizes with. (flax's BatchNorm
+    averages the biased variance.) Its state is flax's, `mean` and `var` BatchStats, so checkpoints keep their
+    layout.
+
+    The statistics are over the batch the call sees: under `jax.jit` with the batch sharded over devices, the
+    global batch, so N is the global batch size.
+    """
+
+    def __init__(self, width: int, *, epsilon: float, momentum: float):
+        self.mean = nnx.BatchStat(jnp.zeros((width,), jnp.float32))
+        self.var = nnx.BatchStat(jnp.ones((width,), jnp.float32))
+        self.epsilon, self.momentum = epsilon, momentum
+
+    def __call__(self, x: jax.Array, *, use_running_average: bool) -> jax.Array:
+        """Normalized x (N, width); with `use_running_average` False, the running statistics move
+        1 - momentum of the way to the batch's."""
+        if use_running_average:
+            mean, var = self.mean[...], self.var[...]
+        else:
+            count = x.shape[0]
+            if count < 2:
+                raise ValueError(f"BatchNorm needs more than 1 row per training batch, got {count} (as torch's)")
+            mean, var = jnp.mean(x, axis=0), jnp.var(x, axis=0)
+            unbiased = jax.lax.stop_gradient(var * (count / (count - 1)))
+            self.mean[...] = self.momentum * self.mean[...] + (1 - self.momentum) * jax.lax.stop_gradient(mean)
+            self.var[...] = self.momentum * self.var[...] + (1 - self.momentum) * unbiased
+        return (x - mean) * jax.lax.rsqrt(var + self.epsilon)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,15 +81,7 @@ class Classifier(nnx.Module):
             self.fc_norm = layer_norm(width, rngs, compute.jnp_dtype, compute.kernels) if config.global_pool else None
             head_std = 2e-5
         else:
-            self.head_norm = nnx.BatchNorm(
-                width,
-                use_scale=False,
-                use_bias=False,
-                epsilon=1e-6,
-                momentum=BATCH_NORM_MOMENTUM,
-                use_fast_variance=False,
-                rngs=rngs,
-            )
+            self.head_norm = TorchBatchNorm(width, epsilon=1e-6, momentum=BATCH_NORM_MOMENTUM)
             head_std = 0.01
         self.head = nnx.Linear(width, config.num_classes, kernel_init=truncated_normal(head_std), rngs=rngs)
 
