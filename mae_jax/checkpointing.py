@@ -5,6 +5,11 @@ model's parameters and fixed position tables). It is what `convert` reads and wr
 pretraining run exports (`export_encoder`) also has `step.json`, the training step it holds. Parameter
 directories are always in the unrolled layout (one entry per block), whichever layout the run computed in
 (`Compute.scan_blocks`); a workdir's train state keeps the run's layout.
+
+`model.json` and `step.json` are written after `params/` is complete, in the directory's final place: they
+are what says the directory is whole. On `gs://` a directory rename is a copy and then a delete, in no
+guaranteed order, so a directory caught in the middle of one holds some of its files; without its markers no
+reader takes it.
 """
 
 from __future__ import annotations
@@ -40,10 +45,20 @@ def save_params(directory: str | epath.Path, config: MAEConfig, state: nnx.State
     if (directory / PARAMS_DIR).exists():
         raise FileExistsError(f"{directory / PARAMS_DIR} already exists; choose a new output directory")
     directory.mkdir(parents=True, exist_ok=True)
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save((directory / PARAMS_DIR).absolute(), unrolled_layout(nnx.to_pure_dict(nnx.State(state))))
+    _save_param_tree(directory / PARAMS_DIR, state)
     if jax.process_index() == 0:
-        (directory / MODEL_CONFIG_FILE).write_text(json.dumps(unrolled(config).to_dict(), indent=2))
+        _write_model_config(directory, config)
+
+
+def _save_param_tree(path: epath.Path, state: nnx.State | dict) -> None:
+    """The `params/` part of a parameter directory, unrolled; every process writes its shards."""
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(path.absolute(), unrolled_layout(nnx.to_pure_dict(nnx.State(state))))
+
+
+def _write_model_config(directory: epath.Path, config: MAEConfig) -> None:
+    """`model.json`: written once `params/` is complete, it marks the parameter directory whole."""
+    (directory / MODEL_CONFIG_FILE).write_text(json.dumps(unrolled(config).to_dict(), indent=2))
 
 
 def load_params(directory: str | epath.Path) -> tuple[MAEConfig, nnx.State]:
@@ -51,7 +66,10 @@ def load_params(directory: str | epath.Path) -> tuple[MAEConfig, nnx.State]:
     directory = epath.Path(directory)
     config_file = directory / MODEL_CONFIG_FILE
     if not config_file.exists():
-        raise FileNotFoundError(f"{directory} is not a mae_jax parameter directory: {MODEL_CONFIG_FILE} is missing")
+        raise FileNotFoundError(
+            f"{directory} is not a mae_jax parameter directory: {MODEL_CONFIG_FILE} is missing "
+            "(it is written last: a directory whose writing or move was interrupted has none)"
+        )
     config = MAEConfig.from_dict(json.loads(config_file.read_text()))
     path = (directory / PARAMS_DIR).absolute()
     if not path.exists():
@@ -66,7 +84,10 @@ def load_params(directory: str | epath.Path) -> tuple[MAEConfig, nnx.State]:
 
 
 def exported_step(directory: str | epath.Path) -> int | None:
-    """The training step of the encoder exported to `directory`; None when there is none or it has no record."""
+    """The training step of the encoder exported to `directory`; None when there is none or it is incomplete.
+
+    `step.json` is the last file an export writes: without it, whatever the directory holds is not trusted.
+    """
     directory = epath.Path(directory)
     if not (directory / PARAMS_DIR).exists() or not (directory / EXPORT_STEP_FILE).exists():
         return None
@@ -79,26 +100,28 @@ def export_encoder(
     """The pretrained encoder alone (parameters and position table) of training `step`: the input of
     fine-tuning and `convert`. It replaces an earlier export whole.
 
-    The export is written to a sibling directory and renamed into place once complete, so a crash while
-    writing leaves the previous export as it was (a crash between the two renames leaves it in `.NAME.old`).
+    `params/` is written to a sibling directory and moved into place once complete, so a crash while writing
+    leaves the previous export as it was. The previous export's markers go before any of its files, and the new
+    markers (`model.json`, then `step.json`) are written last in the final place: a crash while moving, where a
+    move is a copy and then a delete (`gs://`), leaves a directory that no reader takes and the rerun redoes.
     """
     directory = epath.Path(directory)
-    staging, retired = (directory.parent / f".{directory.name}.{suffix}" for suffix in ("tmp", "old"))
+    staging = directory.parent / f".{directory.name}.tmp"
     primary = jax.process_index() == 0
     if primary and staging.exists():  # a crashed export's leftovers
         staging.rmtree()
     ocp.multihost.sync_global_processes(f"export_encoder_{step}_staging")  # every host writes its part
     encoder = nnx.merge_state(nnx.State({"encoder": params["encoder"]}), nnx.State({"encoder": fixed["encoder"]}))
-    save_params(staging, config, encoder)
+    staging.mkdir(parents=True, exist_ok=True)
+    _save_param_tree(staging / PARAMS_DIR, encoder)
     if primary:
-        (staging / EXPORT_STEP_FILE).write_text(json.dumps({"step": step}))
-        if retired.exists():
-            retired.rmtree()
+        for marker in (EXPORT_STEP_FILE, MODEL_CONFIG_FILE):  # from here on the previous export is not trusted
+            (directory / marker).unlink(missing_ok=True)
         if directory.exists():
-            directory.rename(retired)
+            directory.rmtree()
         staging.rename(directory)
-        if retired.exists():
-            retired.rmtree()
+        _write_model_config(directory, config)
+        (directory / EXPORT_STEP_FILE).write_text(json.dumps({"step": step}))  # last: the export is whole
     ocp.multihost.sync_global_processes(f"export_encoder_{step}_done")
 
 
@@ -192,7 +215,7 @@ def check_same_model(manager: ocp.CheckpointManager, config: dict) -> None:
 # The run's recipe: changed across a resume, step k would no longer be the saved run's step k (another data
 # order or position, masking noise, loss, learning rate or update rule), so a resume must keep them. Every
 # other key may change: intervals, input threads, mesh, compute dtype, attention, kernels, remat, grad_accum_steps
-# (the same batch gradient), skip_nonfinite_steps, profiling, kNN, evaluation, init, dataset.data_dir.
+# (the same batch gradient), skip_nonfinite_steps, profiling, peak_tflops, kNN, evaluation, init, dataset.data_dir.
 RUN_KEYS = (
     "seed",
     "batch_size",

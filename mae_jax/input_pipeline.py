@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import functools
 import gzip
+import importlib.util
 import io
 import math
 import sys
@@ -50,6 +51,9 @@ NO_LABEL = -1
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # where Debian's dataset-fashion-mnist package puts it
 FASHION_MNIST_SPLITS = {"train": "train", "test": "t10k"}  # split -> file name prefix
 FASHION_MNIST_CLASSES = 10
+CLOUD_STORAGE_PREFIX = "gs://"
+# What etils' epath reaches gs:// through: TensorFlow's file system where TensorFlow is installed, else gcsfs.
+CLOUD_STORAGE_READERS = ("tensorflow", "gcsfs")
 # decoded uint8 image -> augmented one, or the fields of a training example ({"image": ..., "crop": ...})
 Transform = Callable[[np.ndarray, np.random.Generator], np.ndarray | dict[str, np.ndarray]]
 BICUBIC_A = -0.5  # the cubic convolution kernel's parameter in Pillow (and torchvision's PIL path)
@@ -332,12 +336,33 @@ SOURCES: dict[str, Callable[[ml_collections.ConfigDict], Sequence]] = {
 }
 
 
+def check_cloud_storage_reader(dataset: ml_collections.ConfigDict) -> None:
+    """DatasetNotFoundError, before any request, when `data_dir` is on Cloud Storage and nothing here can list it.
+
+    array_record (>= 0.8.3) reads `gs://` ArrayRecord files itself, through its own GCS client and the machine's
+    default credentials; everything else (TFDS's dataset info, the listing of files, image folders, IDX files)
+    goes through etils' epath, which reaches `gs://` with TensorFlow's file system or, without TensorFlow,
+    gcsfs (the `gcs` extra). Without either, TFDS reports the dataset as not prepared, and a folder ends in an
+    ImportError traceback.
+    """
+    data_dir = str(dataset.data_dir or "")
+    if not data_dir.startswith(CLOUD_STORAGE_PREFIX) or dataset.source == "demo":
+        return
+    if any(importlib.util.find_spec(module) is not None for module in CLOUD_STORAGE_READERS):
+        return
+    raise DatasetNotFoundError(
+        f'dataset.data_dir={data_dir} is on Cloud Storage, which needs gcsfs here (pip install -e ".[gcs]" -c '
+        "constraints.txt); or copy the data to a local disk, or mount the bucket with gcsfuse, and pass that path"
+    )
+
+
 def make_source(dataset: ml_collections.ConfigDict) -> Sequence:
     """The source named by `config.dataset`; an unknown name is a ConfigError, a missing or empty source a
     DatasetNotFoundError, both here, at start (every loop opens its sources before compiling)."""
     if dataset.source not in SOURCES:
         *names, last = map(repr, SOURCES)
         raise ConfigError(f"dataset.source={dataset.source!r} must be {', '.join(names)} or {last}")
+    check_cloud_storage_reader(dataset)
     source = SOURCES[dataset.source](dataset)
     if len(source) == 0:
         raise DatasetNotFoundError(f"dataset {dataset.source}:{dataset.name} split {dataset.split!r} is empty")

@@ -35,22 +35,47 @@ flags.DEFINE_integer("num_processes", None, "Number of processes, with --coordin
 flags.DEFINE_integer("process_id", None, "This process's index, with --coordinator_address.")
 flags.DEFINE_integer("initialization_timeout", 300, "Seconds to wait for the other processes to join (JAX's default).")
 flags.mark_flags_as_required(["config", "workdir"])
+RUN_ALONE = "to run this process on its own, pass --coordinator_address=127.0.0.1:PORT --num_processes=1 --process_id=0"
+KUBERNETES_CLUSTER = "K8sCluster"  # JAX's cluster class for Kubernetes Jobs
+KUBERNETES_HOST = "KUBERNETES_SERVICE_HOST"  # set in every Kubernetes pod: what JAX's class checks first
+KUBERNETES_JOB_INDEX = "JOB_COMPLETION_INDEX"  # set in the pods of an indexed Job: the process id JAX reads
 
 
 class DistributedError(RuntimeError):
     """This process cannot join the others; the message is one line saying why."""
 
 
+def cluster_name(cluster: type) -> str:
+    """What a message calls one of JAX's cluster classes: its name, or its class name (Kubernetes' has no name)."""
+    return cluster.name or cluster.__name__
+
+
 def detected_cluster() -> type | None:
     """The cluster JAX's `jax.distributed.initialize()` would join (SLURM, Cloud TPU, Open MPI...), or None.
 
     Asked of JAX's own cluster classes (no public API tells), so that a cluster whose join fails is an
-    error, never mistaken for a machine on its own.
+    error, never mistaken for a machine on its own. A check that raises is a `DistributedError`. JAX takes
+    any Kubernetes pod with the `kubernetes` package for a cluster, yet joins only the pods of an indexed Job
+    (or a JobSet's): a pod without its index (a notebook, a Deployment's pod) is a machine on its own.
     """
     from jax._src import clusters
 
     candidates = [cluster for cluster in clusters.ClusterEnv._cluster_types if not cluster.opt_in_only_method]
-    return next((cluster for cluster in candidates if cluster.is_env_present()), None)
+    if KUBERNETES_JOB_INDEX not in os.environ:
+        if KUBERNETES_HOST in os.environ:
+            logging.info("A Kubernetes pod outside an indexed Job (no %s): not a cluster", KUBERNETES_JOB_INDEX)
+        candidates = [cluster for cluster in candidates if cluster.__name__ != KUBERNETES_CLUSTER]
+    for cluster in candidates:
+        try:
+            if cluster.is_env_present():
+                return cluster
+        except Exception as error:  # a broken cluster setup must not pass for "no cluster", nor be a traceback
+            message = " ".join(str(error).split())  # one line
+            raise DistributedError(
+                f"cannot tell whether this process is part of a {cluster_name(cluster)} cluster: "
+                f"{type(error).__name__}: {message}; {RUN_ALONE}"
+            ) from error
+    return None
 
 
 def cluster_coordinates(cluster: type, timeout: int) -> tuple[int, int, str]:
@@ -84,7 +109,8 @@ def initialize_distributed() -> None:
 
     Incomplete flags, and a cluster that is detected but cannot be joined, are a `DistributedError`: a run
     that silently trains as "process 0 of 1" on every host would waste the whole allocation. Only where no
-    cluster is detected does the run go on as a single process, and the log says so.
+    cluster is detected, or `--num_processes=1` is given (then without `jax.distributed`, whose start probes
+    every cluster type again), does the run go on as a single process, and the log says so.
     """
     explicit = {
         "--coordinator_address": FLAGS.coordinator_address,
@@ -98,11 +124,18 @@ def initialize_distributed() -> None:
             f"{' and '.join(given)} without {' and '.join(missing)}: give all three for a multi-process run "
             "(none on TPU VMs and under SLURM, where JAX finds them)"
         )
+    if given and (FLAGS.num_processes, FLAGS.process_id) == (1, 0):  # JAX would still probe every cluster type
+        logging.info("--num_processes=1: single process")
+        return
     cluster = None if given else detected_cluster()
     if not given and cluster is None:
         logging.info("No cluster (TPU VM, SLURM, Open MPI) detected and no --coordinator_address: single process")
         return
-    where = f"the {cluster.name} cluster JAX detected" if cluster else f"the processes at {FLAGS.coordinator_address}"
+    where = (
+        f"the {cluster_name(cluster)} cluster JAX detected"
+        if cluster
+        else f"the processes at {FLAGS.coordinator_address}"
+    )
     timeout = FLAGS.initialization_timeout
     try:
         process_id, count, address = (
@@ -119,12 +152,7 @@ def initialize_distributed() -> None:
         )
     except Exception as error:  # whatever the cause, this process must not train alone
         message = " ".join(str(error).split())  # one line
-        alone = (
-            "; to run this process on its own, pass --coordinator_address=127.0.0.1:PORT --num_processes=1 "
-            "--process_id=0"
-            if cluster
-            else ""
-        )
+        alone = f"; {RUN_ALONE}" if cluster else ""
         raise DistributedError(f"cannot join {where}: {type(error).__name__}: {message}{alone}") from error
 
 

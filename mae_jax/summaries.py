@@ -3,19 +3,38 @@
 A summary's log line is "[step] key=value, ..." (keys sorted, floats to 6 significant digits), the format of
 clu's LoggingWriter that people and tests/test_multihost.py read. Events are written with tensorboardX, a
 pure-Python event writer, so that no run imports TensorFlow (1.3 GB installed, about 4 s to import) to write
-them; TensorBoard reads them as before. tensorboardX imports torch where it is installed, so only the process
-that writes events imports it.
+them; TensorBoard reads them as before. tensorboardX's writer module imports torch where it is installed, only
+to accept torch tensors: it is imported here with torch hidden (`_tensorboardx`), so that a JAX process loads no
+torch (1.3 s, and CUDA libraries on GPU hosts) to write numpy summaries.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Mapping
+from types import ModuleType
 from typing import Any
 
 import numpy as np
 from absl import logging
 from etils import epath
+
+
+def _tensorboardx() -> ModuleType:
+    """tensorboardX, imported without torch unless torch is loaded already: a `None` in `sys.modules` makes
+    its `import torch` raise the ImportError it catches (it then takes numpy arrays only, all it gets here).
+    torch is importable again afterwards, for whatever needs it."""
+    if "torch" in sys.modules or "tensorboardX" in sys.modules:
+        import tensorboardX
+
+        return tensorboardX
+    sys.modules["torch"] = None
+    try:
+        import tensorboardX
+    finally:
+        del sys.modules["torch"]
+    return tensorboardX
 
 
 class Writer:
@@ -31,12 +50,10 @@ class Writer:
     def _event_writer(self) -> Any:
         """The open tensorboardX writer (a new event file after a `flush`); None on processes that only log."""
         if self._events is None and self._events_dir is not None:
-            import tensorboardX
-
             # tensorboardX names files by the second: a suffix keeps a file opened after a flush from
             # replacing the one closed in the same second.
             self._event_files += 1
-            self._events = tensorboardX.SummaryWriter(self._events_dir, filename_suffix=f".{self._event_files}")
+            self._events = _tensorboardx().SummaryWriter(self._events_dir, filename_suffix=f".{self._event_files}")
         return self._events
 
     def write_scalars(self, step: int, scalars: Mapping[str, float | int]) -> None:

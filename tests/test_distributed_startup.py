@@ -15,7 +15,7 @@ import pytest
 
 from tests.conftest import REPO, TINY_MAIN_FLAGS, main_command
 
-CLUSTER_PREFIXES = ("SLURM_", "OMPI_", "JAX_COORDINATOR", "KUBERNETES_", "TPU_")
+CLUSTER_PREFIXES = ("SLURM_", "OMPI_", "JAX_COORDINATOR", "KUBERNETES_", "TPU_", "JOB_COMPLETION_INDEX")
 # One step of the tiny model, for the old behaviour of training alone (the checks fail before it here).
 ONE_STEP = (*TINY_MAIN_FLAGS, "--config.total_steps=1", "--config.warmup_steps=0")
 
@@ -89,3 +89,88 @@ def test_run_without_a_cluster_says_it_is_one_process(tmp_path: pathlib.Path):
     assert "No cluster (TPU VM, SLURM, Open MPI) detected and no --coordinator_address: single process" in result.stderr
     assert "JAX process 0 of 1" in result.stderr
     assert_one_line_error(result, tmp_path, "error: mask_ratio=1.0 must be in [0, 1)")
+
+
+# The `kubernetes` package as far as JAX's Kubernetes cluster class uses it to decide whether it is in a
+# cluster: `config.load_incluster_config`, with the checks of the real one (kubernetes-client/python's
+# `incluster_config`: the service's address, then the service account's token and certificate, each a
+# ConfigException), and the API classes it builds once that succeeds. The account's folder is the real path
+# unless the test names another.
+KUBERNETES_STAND_IN = {
+    "__init__.py": "from kubernetes import client, config\n",
+    "config/__init__.py": """import os
+
+ACCOUNT = os.environ.get("STAND_IN_SERVICE_ACCOUNT_DIR", "/var/run/secrets/kubernetes.io/serviceaccount")
+
+
+class ConfigException(Exception):
+    pass
+
+
+def load_incluster_config(client_configuration=None, try_refresh_token=True):
+    if not os.environ.get("KUBERNETES_SERVICE_HOST") or not os.environ.get("KUBERNETES_SERVICE_PORT"):
+        raise ConfigException("Service host/port is not set.")
+    if not os.path.isfile(os.path.join(ACCOUNT, "token")):
+        raise ConfigException("Service token file does not exist.")
+    if not os.path.isfile(os.path.join(ACCOUNT, "ca.crt")):
+        raise ConfigException("Service certification file does not exist.")
+""",
+    "client/__init__.py": """from kubernetes.client import exceptions
+
+
+class CoreV1Api:
+    pass
+
+
+class BatchV1Api:
+    pass
+""",
+    "client/exceptions.py": "class ApiException(Exception):\n    pass\n",
+}
+
+
+def kubernetes_pod(tmp_path: pathlib.Path, *, token_mounted: bool, **env: str) -> dict[str, str]:
+    """The environment of a Kubernetes pod whose Python has the `kubernetes` package."""
+    package, account = tmp_path / "site" / "kubernetes", tmp_path / "serviceaccount"
+    for name, text in KUBERNETES_STAND_IN.items():
+        (package / name).parent.mkdir(parents=True, exist_ok=True)
+        (package / name).write_text(text)
+    account.mkdir()
+    if token_mounted:
+        (account / "token").write_text("token")
+        (account / "ca.crt").write_text("certificate")
+    return {
+        "PYTHONPATH": str(package.parent),
+        "STAND_IN_SERVICE_ACCOUNT_DIR": str(account),
+        "KUBERNETES_SERVICE_HOST": "10.96.0.1",
+        "KUBERNETES_SERVICE_PORT": "443",
+        "HOSTNAME": "notebook-0",
+        **env,
+    }
+
+
+def test_a_lone_kubernetes_pod_is_one_process(tmp_path: pathlib.Path):
+    """A pod outside an indexed Job (a notebook server) with the `kubernetes` package: JAX's class takes it for a
+    cluster and then cannot join it; here it runs as one process and says why."""
+    result = run(tmp_path / "run", "--config.mask_ratio=1.0", env=kubernetes_pod(tmp_path, token_mounted=True))
+    assert "A Kubernetes pod outside an indexed Job (no JOB_COMPLETION_INDEX): not a cluster" in result.stderr
+    assert "JAX process 0 of 1" in result.stderr
+    assert_one_line_error(result, tmp_path / "run", "error: mask_ratio=1.0 must be in [0, 1)")
+
+
+def test_a_cluster_check_that_raises_is_one_line_and_one_process_runs_as_it_says(tmp_path: pathlib.Path):
+    """A pod of an indexed Job whose service account token is not mounted: JAX's check raises while detecting.
+    That is one line that says how to run the process on its own, and doing so works there."""
+    pod = kubernetes_pod(tmp_path, token_mounted=False, JOB_COMPLETION_INDEX="0")
+    result = run(tmp_path / "run", *ONE_STEP, env=pod)
+    message = (
+        "error: cannot tell whether this process is part of a K8sCluster cluster: ConfigException: Service token "
+        "file does not exist.; to run this process on its own, pass --coordinator_address=127.0.0.1:PORT "
+        "--num_processes=1 --process_id=0"
+    )
+    assert_one_line_error(result, tmp_path / "run", message)
+
+    alone = ("--coordinator_address=127.0.0.1:1", "--num_processes=1", "--process_id=0")
+    result = run(tmp_path / "run", "--config.mask_ratio=1.0", *alone, env=pod)
+    assert "--num_processes=1: single process" in result.stderr and "JAX process 0 of 1" in result.stderr
+    assert_one_line_error(result, tmp_path / "run", "error: mask_ratio=1.0 must be in [0, 1)")

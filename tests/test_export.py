@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 import safetensors.torch
+from etils import epath
 from flax import nnx
 
 from mae_jax import checkpointing, train
@@ -62,26 +63,129 @@ def test_a_crash_while_exporting_leaves_the_previous_export(tmp_path: pathlib.Pa
     first, second = MAE(TINY, rngs=nnx.Rngs(1)), MAE(TINY, rngs=nnx.Rngs(2))
     _, params, fixed = nnx.split(first, nnx.Param, ...)
     checkpointing.export_encoder(directory, TINY, params, fixed, step=1)
-    real_save_params = checkpointing.save_params
+    real_save_params = checkpointing._save_param_tree
 
     def crash_after_writing(*args, **kwargs):
         real_save_params(*args, **kwargs)
         raise KeyboardInterrupt("killed before the export was complete")
 
     _, new_params, new_fixed = nnx.split(second, nnx.Param, ...)
-    monkeypatch.setattr(checkpointing, "save_params", crash_after_writing)
+    monkeypatch.setattr(checkpointing, "_save_param_tree", crash_after_writing)
     with pytest.raises(KeyboardInterrupt):
         checkpointing.export_encoder(directory, TINY, new_params, new_fixed, step=2)
     assert checkpointing.exported_step(directory) == 1
     _, kept = checkpointing.load_params(directory)
     assert_trees_equal(pure(kept)["encoder"], pure(nnx.state(first.encoder)))
 
-    monkeypatch.setattr(checkpointing, "save_params", real_save_params)
+    monkeypatch.setattr(checkpointing, "_save_param_tree", real_save_params)
     checkpointing.export_encoder(directory, TINY, new_params, new_fixed, step=2)  # over the crash's leftovers
     assert checkpointing.exported_step(directory) == 2
     _, replaced = checkpointing.load_params(directory)
     assert_trees_equal(pure(replaced)["encoder"], pure(nnx.state(second.encoder)))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["encoder"]
+
+
+class CopyThenDeleteFilesystem:
+    """Moves and removals of the directories beside an export done as on `gs://`, one object at a time.
+
+    gcsfs's `mv` (what etils' rename is there) copies every object and then deletes the originals, in no
+    guaranteed order: here small objects finish copying first (concurrent copies) and large ones are deleted
+    first, the orders that leave the small marker files longest beside an incomplete `params/`. `crash_at`
+    stops the run before that object operation, as a preempted VM would.
+    """
+
+    def __init__(self, root: pathlib.Path, crash_at: int | None = None):
+        self.root, self.crash_at, self.operations = root, crash_at, 0
+
+    def install(self, monkeypatch) -> None:
+        path_type = type(epath.Path(self.root))
+        real_rename, real_rmtree = path_type.rename, path_type.rmtree
+
+        def rename(path, target):
+            if pathlib.Path(path).parent != self.root:  # Orbax's own moves inside the staging directory
+                return real_rename(path, target)
+            self.move(pathlib.Path(path), pathlib.Path(target))
+            return epath.Path(target)
+
+        def rmtree(path, missing_ok: bool = False):
+            if pathlib.Path(path).parent != self.root:
+                return real_rmtree(path, missing_ok=missing_ok)
+            return self.remove_tree(pathlib.Path(path))
+
+        monkeypatch.setattr(path_type, "rename", rename)
+        monkeypatch.setattr(path_type, "rmtree", rmtree)
+
+    def _object_operation(self) -> None:
+        if self.operations == self.crash_at:
+            raise KeyboardInterrupt(f"preempted before object operation {self.crash_at}")
+        self.operations += 1
+
+    @staticmethod
+    def _objects(directory: pathlib.Path) -> list[pathlib.Path]:
+        return sorted((path for path in directory.rglob("*") if path.is_file()), key=lambda path: path.stat().st_size)
+
+    def move(self, source: pathlib.Path, target: pathlib.Path) -> None:
+        for item in self._objects(source):
+            self._object_operation()
+            copy = target / item.relative_to(source)
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(item, copy)
+        self.remove_tree(source)
+
+    def remove_tree(self, directory: pathlib.Path) -> None:
+        for item in reversed(self._objects(directory)):
+            self._object_operation()
+            item.unlink()
+        shutil.rmtree(directory)  # a bucket has no folders: they go with their last object
+
+
+def test_an_export_interrupted_while_moving_on_gcs_is_not_trusted(tmp_path: pathlib.Path, monkeypatch):
+    """At every object operation of replacing an export on a copy-then-delete filesystem, a crash leaves an
+    export that is either whole (what `exported_step` says is there, and `load_params` gives it) or not
+    trusted (no step: the run redoes it); the rerun then completes it."""
+    first, second = MAE(TINY, rngs=nnx.Rngs(1)), MAE(TINY, rngs=nnx.Rngs(2))
+    exports = {step: nnx.split(model, nnx.Param, ...)[1:] for step, model in ((1, first), (2, second))}
+    encoders = {step: pure(nnx.state(model.encoder)) for step, model in ((1, first), (2, second))}
+    checkpointing.export_encoder(tmp_path / "previous" / "encoder", TINY, *exports[1], step=1)
+
+    def replace_export(case: pathlib.Path, crash_at: int) -> None:
+        shutil.copytree(tmp_path / "previous", case)
+        with monkeypatch.context() as patch:
+            CopyThenDeleteFilesystem(case, crash_at).install(patch)
+            checkpointing.export_encoder(case / "encoder", TINY, *exports[2], step=2)
+
+    # A crash before each object operation in turn, until the export gets through (the number of files
+    # OCDBT writes varies from save to save).
+    crash_at = 0
+    while True:
+        case = tmp_path / f"crash_{crash_at}"
+        try:
+            replace_export(case, crash_at)
+        except KeyboardInterrupt:
+            pass
+        else:
+            break
+        step = checkpointing.exported_step(case / "encoder")
+        if step is not None:
+            _, trusted = checkpointing.load_params(case / "encoder")
+            assert_trees_equal(pure(trusted)["encoder"], encoders[step])
+        elif (case / "encoder" / checkpointing.MODEL_CONFIG_FILE).exists():  # the previous export, before it goes
+            _, whole = checkpointing.load_params(case / "encoder")
+            assert_trees_equal(pure(whole)["encoder"], encoders[1])
+        else:
+            with pytest.raises(FileNotFoundError, match=r"model\.json is missing"):
+                checkpointing.load_params(case / "encoder")
+        crash_at += 1
+    assert crash_at > 10  # the move and the removal were many object operations, each a crash point
+    assert checkpointing.exported_step(case / "encoder") == 2
+
+    case = tmp_path / f"crash_{crash_at - 1}"  # before deleting the staging copy's last object
+    assert checkpointing.exported_step(case / "encoder") is None  # the new export, complete but not yet marked
+    checkpointing.export_encoder(case / "encoder", TINY, *exports[2], step=2)  # the rerun, over the leftovers
+    assert checkpointing.exported_step(case / "encoder") == 2
+    _, redone = checkpointing.load_params(case / "encoder")
+    assert_trees_equal(pure(redone)["encoder"], encoders[2])
+    assert sorted(path.name for path in case.iterdir()) == ["encoder"]
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import configparser
 import importlib.metadata
+import importlib.util
 import io
 import json
 import logging
@@ -27,6 +28,9 @@ from tests.conftest import REPO, TINY_MAIN_FLAGS, run_main
 from tests.test_multihost import logged_metrics
 
 TESTED_EXTRAS = ("test",)  # what .ci/run installs besides install_requires
+# Distributions whose wheel is another build, with more requirements, on some platforms; markers that say so.
+PLATFORM_BUILDS = ("torch",)
+PLATFORM_MARKERS = ("platform_system", "sys_platform", "platform_machine")
 
 
 def setup_cfg_requirements() -> dict[str, list[Requirement]]:
@@ -52,8 +56,17 @@ def locked_versions() -> dict[str, str]:
     return pins
 
 
-def dependency_closure(requirements: list[Requirement]) -> set[str]:
-    """The installed distributions that `requirements` pull in, transitively (markers and extras evaluated)."""
+def added_by_the_platform(requirer: str, dependency: Requirement) -> bool:
+    """A requirement that `requirer`'s build for this platform adds: PyPI's torch for Linux is the CUDA build,
+    whose own metadata requires cuda-toolkit, nvidia-* and triton on Linux only, at versions it pins itself. The
+    tested CPU build (constraints.txt) has none of them."""
+    marker = str(dependency.marker or "")
+    return requirer in PLATFORM_BUILDS and any(variable in marker for variable in PLATFORM_MARKERS)
+
+
+def dependency_closure(requirements: list[Requirement], *, platform_builds: bool = True) -> set[str]:
+    """The installed distributions that `requirements` pull in, transitively (markers and extras evaluated);
+    without what the platform's builds add (`added_by_the_platform`) unless `platform_builds`."""
     found: set[str] = set()
     pending = [(requirement, set(requirement.extras)) for requirement in requirements]
     while pending:
@@ -64,6 +77,8 @@ def dependency_closure(requirements: list[Requirement]) -> set[str]:
         found.add(name)
         for line in importlib.metadata.requires(name) or []:
             dependency = Requirement(line)
+            if not platform_builds and added_by_the_platform(name, dependency):
+                continue
             marker = dependency.marker
             if marker is None or any(marker.evaluate({"extra": extra}) for extra in {"", *extras}):
                 pending.append((dependency, set(dependency.extras)))
@@ -80,7 +95,8 @@ def test_requirements_state_ranges_not_pins():
 
 def test_the_installed_set_is_in_range_and_locked():
     """Each direct requirement's installed version is in its range and is the locked one, and the lock covers
-    the whole tested install: every distribution it pulls in, at the version installed here."""
+    the whole tested install: every distribution it pulls in, at the version installed here, but for what a
+    platform's build of torch adds (the CUDA libraries on Linux), which torch's own metadata pins."""
     groups = setup_cfg_requirements()
     pins = locked_versions()
     tested = groups["install_requires"] + [r for extra in TESTED_EXTRAS for r in groups[f"[{extra}]"]]
@@ -89,10 +105,63 @@ def test_the_installed_set_is_in_range_and_locked():
         assert requirement.specifier.contains(installed, prereleases=True), f"{installed} outside {requirement}"
     mismatched = {
         name: (importlib.metadata.version(name), pins.get(name))
-        for name in sorted(dependency_closure(tested))
+        for name in sorted(dependency_closure(tested, platform_builds=False))
         if name not in pins or not Specifier(f"=={pins[name]}").contains(importlib.metadata.version(name))
     }  # `==2.13.0` matches the installed 2.13.0+cpu
     assert not mismatched, f"installed vs constraints.txt: {mismatched}"
+
+
+# What torch 2.13.0's Linux x86_64 wheel on PyPI (the CUDA build) requires besides the CPU build's requirements,
+# from its metadata, and some of what those require in turn (cuda-toolkit 13.0.3's, cuda-bindings').
+TORCH_LINUX_REQUIREMENTS = [
+    "cuda-toolkit[cublas,cudart,cufft,cufile,cupti,curand,cusolver,cusparse,nvjitlink,nvrtc,nvtx]==13.0.3; "
+    'platform_system == "Linux"',
+    'cuda-bindings<14,>=13.0.3; platform_system == "Linux" and python_version < "3.15"',
+    'nvidia-cudnn-cu13==9.20.0.48; platform_system == "Linux"',
+    'nvidia-cusparselt-cu13==0.8.1; platform_system == "Linux"',
+    'nvidia-nccl-cu13==2.29.7; platform_system == "Linux"',
+    'nvidia-nvshmem-cu13==3.4.5; platform_system == "Linux"',
+    'triton==3.7.1; platform_system == "Linux" and python_version < "3.15"',
+]
+LINUX_ONLY = "sys_platform == 'linux' and platform_machine == 'x86_64'"
+CUDA_DISTRIBUTIONS = {  # name -> (version, requirements)
+    "cuda-toolkit": ("13.0.3.0", [f"nvidia-cublas==13.1.1.3.*; ({LINUX_ONLY}) and extra == 'cublas'",
+                                  f"nvidia-cuda-runtime==13.0.96.*; ({LINUX_ONLY}) and extra == 'cudart'"]),
+    "nvidia-cublas": ("13.1.1.3", []),
+    "nvidia-cuda-runtime": ("13.0.96", []),
+    "cuda-bindings": ("13.0.3", ["cuda-pathfinder~=1.1"]),
+    "cuda-pathfinder": ("1.3.2", []),
+    "nvidia-cudnn-cu13": ("9.20.0.48", ["nvidia-cublas"]),
+    "nvidia-cusparselt-cu13": ("0.8.1", []),
+    "nvidia-nccl-cu13": ("2.29.7", []),
+    "nvidia-nvshmem-cu13": ("3.4.5", []),
+    "triton": ("3.7.1", []),
+}  # fmt: skip
+
+
+def test_what_torchs_linux_build_adds_is_not_asked_of_the_lock(monkeypatch: pytest.MonkeyPatch):
+    """A stock Linux machine installs PyPI's torch 2.13.0, the CUDA build, whose metadata requires the CUDA
+    libraries that constraints.txt (the CPU build's set) does not list: the lock check still holds there."""
+    real_requires, real_version = importlib.metadata.requires, importlib.metadata.version
+
+    def requires(name: str) -> list[str] | None:
+        name = canonicalize_name(name)
+        if name in CUDA_DISTRIBUTIONS:
+            return CUDA_DISTRIBUTIONS[name][1]
+        return (real_requires(name) or []) + (TORCH_LINUX_REQUIREMENTS if name == "torch" else [])
+
+    def version(name: str) -> str:
+        name = canonicalize_name(name)
+        if name in CUDA_DISTRIBUTIONS:
+            return CUDA_DISTRIBUTIONS[name][0]
+        return "2.13.0" if name == "torch" else real_version(name)
+
+    monkeypatch.setattr(importlib.metadata, "requires", requires)
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    tested = setup_cfg_requirements()["[test]"]
+    if sys.platform == "linux":  # the stand-in's markers hold
+        assert set(CUDA_DISTRIBUTIONS) <= dependency_closure(tested)
+    test_the_installed_set_is_in_range_and_locked()
 
 
 # A finder placed first sees every attempt to import a module, also one inside a try/except.
@@ -113,12 +182,41 @@ print(json.dumps({"loaded": "tensorflow" in sys.modules, "asked": sorted(Probe.a
 
 
 def test_the_commands_import_neither_tensorflow_nor_torch():
-    """`main`, `visualize` and `convert` load without TensorFlow; tensorboardX, which imports torch where it
-    is installed, is imported only by the process that writes events."""
+    """`main`, `visualize` and `convert` load without TensorFlow and torch; tensorboardX is imported only by
+    the process that writes events."""
     result = subprocess.run([sys.executable, "-c", IMPORT_PROBE], cwd=REPO, capture_output=True, text=True,
                             timeout=300, check=False)  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads(result.stdout.splitlines()[-1]) == {"loaded": False, "asked": []}
+
+
+# Process 0 of a run: it writes scalars and an image grid as events, then something (a .pth export) imports torch.
+WRITE_EVENTS = """
+import json, sys
+import numpy as np
+from mae_jax import summaries
+
+writer = summaries.Writer(sys.argv[1])
+writer.write_scalars(1, {"loss": 0.5})
+writer.write_images(1, {"grid": np.zeros((2, 4, 4, 3), np.uint8)})
+writer.flush()
+loaded_while_writing = "torch" in sys.modules
+import torch
+print(json.dumps({"torch_while_writing": loaded_while_writing, "torch_later": torch.__name__}))
+"""
+
+
+def test_writing_events_loads_no_torch_and_torch_still_imports_later(tmp_path: pathlib.Path):
+    """tensorboardX's writer imports torch where it is installed (it is here: the test extra), which put torch,
+    and on GPU hosts its CUDA libraries, into process 0 of every run."""
+    assert importlib.util.find_spec("torch") is not None  # installed, so tensorboardX would import it
+    result = subprocess.run([sys.executable, "-c", WRITE_EVENTS, str(tmp_path)], cwd=REPO, capture_output=True,
+                            text=True, timeout=300, check=False)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout.splitlines()[-1]) == {"torch_while_writing": False, "torch_later": "torch"}
+    events, ctx = read_events(tmp_path)
+    loss = events.read_scalars(ctx, experiment_id="", plugin_name="scalars", downsample=100)["."]["loss"]
+    assert [(datum.step, datum.value) for datum in loss] == [(1, 0.5)]
 
 
 def read_events(logdir: pathlib.Path) -> tuple[data_provider.MultiplexerDataProvider, context.RequestContext]:
