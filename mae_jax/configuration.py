@@ -95,6 +95,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.b2 = 0.95
 
     config.log_every_steps = 100
+    # Dense matmul peak of one device in TFLOP/s at the compute dtype, for the MFU the summaries report; 0: the
+    # device kind's entry in flops.PEAK_TFLOPS (a kind it lacks gets no MFU, and says so in the log)
+    config.peak_tflops = 0.0
     config.checkpoint_every_steps = 1000  # also at the end and on preemption (SIGTERM)
     config.keep_checkpoints = 3
     config.skip_nonfinite_steps = 0  # 0: stop at a non-finite loss/gradient; N: skip up to N in a row
@@ -287,6 +290,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for key in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
         if config[key] < 1:
             raise ConfigError(f"{key}={config[key]} must be >= 1")
+    if config.peak_tflops < 0:
+        raise ConfigError(f"peak_tflops={config.peak_tflops} must be > 0 (TFLOP/s per device), or 0 for the table's")
 
 
 def _validate_channels(config: ml_collections.ConfigDict) -> None:

@@ -162,7 +162,8 @@ def make_train_step(
         new_state = state.replace(
             step=state.step + 1, params=optax.apply_updates(state.params, updates), fixed=fixed, opt_state=opt_state
         )
-        return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": lr_schedule(state.step)}
+        lr = optim.applied_learning_rate(state.opt_state, lr_schedule)  # skipped steps do not advance it
+        return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": lr}
 
     return train_step
 

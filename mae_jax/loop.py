@@ -24,7 +24,7 @@ from absl import logging
 from etils import epath
 from flax import nnx
 
-from mae_jax import checkpointing, flops, input_pipeline, sharding, summaries
+from mae_jax import checkpointing, flops, input_pipeline, optim, sharding, summaries
 from mae_jax.evaluators import Evaluator
 from mae_jax.evaluators.reconstruction import save_png
 
@@ -175,14 +175,19 @@ def restore_or_init(manager: ocp.CheckpointManager, assembly: Assembly) -> Train
 def train(
     books: Bookkeeper, assembly: Assembly, state: TrainState, batches: Iterator[dict[str, jax.Array]]
 ) -> TrainState:
-    """Steps `books.start_step + 1` to `books.total_steps` on `batches`, with the bookkeeping around each."""
+    """Steps `books.start_step + 1` to `books.total_steps` on `batches`, with the bookkeeping around each.
+
+    A step's checkpoint is saved before its evaluations run: a preempted run saves within its grace period
+    (30-120 s), and stops without them.
+    """
     with books:
+        books.guard.resume(optim.nonfinite_streak(state.opt_state))
         for step in range(books.start_step + 1, books.total_steps + 1):
             batch = next(batches)
             state, metrics = assembly.train_step(state, *(batch[key] for key in assembly.batch_keys))
             books.record(step, state, metrics)
-            books.evaluate(step, state)
             books.save(step, state)
+            books.evaluate(step, state)
     return state
 
 
@@ -193,13 +198,25 @@ class NonFiniteGuard:
     """Stops the run at a non-finite loss or gradient norm, before the state that follows is saved.
 
     With `skip_steps` > 0 the optimizer (`optax.apply_if_finite`) drops such updates, and the run stops
-    only when more than `skip_steps` of them come in a row (the optimizer would then apply them).
+    only when more than `skip_steps` of them come in a row (the optimizer would then apply them). A streak
+    may span a resume: `resume` continues the optimizer's count, which its checkpoint restored.
     """
 
     def __init__(self, skip_steps: int):
         self.skip_steps = skip_steps
         self.skipped = 0
         self._in_a_row = 0
+
+    def resume(self, in_a_row: int) -> None:
+        """Continue a streak of `in_a_row` non-finite steps that ended the restored run (`optim.nonfinite_streak`)."""
+        self._in_a_row = in_a_row
+        if in_a_row:
+            logging.warning(
+                "The restored state ends with %d non-finite steps in a row (skipped); the run stops at the next "
+                "one if that makes more than skip_nonfinite_steps=%d",
+                in_a_row,
+                self.skip_steps,
+            )
 
     def check(self, first_step: int, history: list[dict[str, np.ndarray]]) -> None:
         for step, metrics in enumerate(history, first_step):
@@ -220,13 +237,14 @@ class NonFiniteGuard:
 class Bookkeeper:
     """What every training loop does around its step, shared by pretraining and the downstream loops.
 
-    Times steps (neither the compile nor evaluations) and reports model TFLOP/s per device (and MFU on devices
-    in `flops.PEAK_TFLOPS`) from the step's `flops_per_step`, shows every step's metrics to the `NonFiniteGuard`
-    before any later state is saved, writes averaged summaries every `log_every_steps`, runs the `evaluators`
-    that are due on the model `model_of(state)`, saves a checkpoint with `run_record` (the config and what it
-    resolved to, which a resume checks) every `checkpoint_every_steps`, at the end and when preempted, then
-    stops a preempted run; on process 0 it traces `profile_steps` steps into `workdir`. As a context manager
-    it lets the saves already started complete, also when the loop ends in an error.
+    Times steps (neither the compile nor evaluations) and reports model TFLOP/s per device from the step's
+    `flops_per_step`, and MFU against `config.peak_tflops` or the device kind's `flops.PEAK_TFLOPS` entry.
+    It shows every step's metrics to the `NonFiniteGuard` before any later state is saved, writes averaged
+    summaries every `log_every_steps`, saves a checkpoint with `run_record` (the config and what it resolved
+    to, which a resume checks) every `checkpoint_every_steps`, at the end and when preempted, then stops a
+    preempted run, and runs the `evaluators` that are due on the model `model_of(state)`; on process 0 it
+    traces `profile_steps` steps into `workdir`. As a context manager it lets the saves already started
+    complete, also when the loop ends in an error.
     """
 
     def __init__(
@@ -251,7 +269,12 @@ class Bookkeeper:
         self.results: dict[str, float | np.ndarray] = {}  # of the last evaluations
         self._evaluated_step: int | None = None
         self.flops_per_device = flops_per_step / jax.device_count()
-        self.peak_tflops = flops.peak_tflops(jax.devices()[0], config.model.dtype)
+        self.peak_tflops = config.peak_tflops or flops.peak_tflops(jax.devices()[0], config.model.dtype)
+        if not self.peak_tflops:
+            logging.info(
+                "MFU is not reported: no peak TFLOP/s is known for device kind %r; pass --config.peak_tflops=<its"
+                " dense %s matmul peak per device> to report it", jax.devices()[0].device_kind, config.model.dtype
+            )  # fmt: skip
         self.guard = NonFiniteGuard(config.skip_nonfinite_steps)
         self.preemption = checkpointing.PreemptionWatch()
         self._unchecked: list[dict[str, jax.Array]] = []  # device metrics not yet looked at by the guard
@@ -278,13 +301,13 @@ class Bookkeeper:
         """After step `step` is dispatched: timing, the guard and the summary, as due."""
         self._unchecked.append(metrics)
         if step + 1 == self._profiled_steps.start:  # steps run asynchronously: start once the last one is done
+            jax.block_until_ready(state)  # outside `untimed`: waiting for the queued steps is their time
             with self.untimed():
-                jax.block_until_ready(state)
                 jax.profiler.start_trace(self.workdir)
                 self._profiling = True
         elif step == self._profiled_steps.stop - 1:
+            jax.block_until_ready(state)
             with self.untimed():
-                jax.block_until_ready(state)
                 self._stop_profile()
         if step == self.start_step + 1:  # time steps, not the compile
             jax.block_until_ready(state)
@@ -340,6 +363,7 @@ class Bookkeeper:
         due = [i for i, e in enumerate(self.evaluators) if every or e.due(step, self.total_steps)]
         if not due:
             return
+        jax.block_until_ready(state)  # the steps still queued are training time, not the evaluation's
         with self.untimed():
             model = self.model_of(state)
             results = [self.evaluators[i].run(model) for i in due]
@@ -364,10 +388,15 @@ class Bookkeeper:
         return self.results
 
     def save(self, step: int, state: TrainState) -> None:
-        """Checkpoint step `step` if due; after a preemption's save, stop the run (`Preempted`)."""
+        """Checkpoint step `step` if due; after a preemption's save, stop the run (`Preempted`) without the
+        evaluations due at `step`: the grace period is for the save."""
         if self._save_now and self.manager.latest_step() != step:
             checkpointing.save(self.manager, step, state, self.run_record)
         if self._preempted:
             self.manager.wait_until_finished()
             self.writer.flush()
-            raise Preempted(f"preempted at step {step}: saved {self.manager.directory}/{step}; rerun to resume")
+            skipped = [e.name for e in self.evaluators if e.due(step, self.total_steps)]
+            raise Preempted(
+                f"preempted at step {step}: saved {self.manager.directory}/{step}; rerun to resume"
+                + (f" (the evaluations due at this step did not run: {', '.join(skipped)})" if skipped else "")
+            )

@@ -7,6 +7,7 @@ Pretraining: AdamW with the official decay mask. Fine-tuning: AdamW with layer-w
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -51,8 +52,10 @@ def _skip_nonfinite(
     """`tx` with `optax.apply_if_finite`'s state whatever `skip_nonfinite_steps` is: a resume may switch it.
 
     With N > 0 an update from non-finite gradients is dropped, unless it is the (N + 1)-th in a row. With 0,
-    apply_if_finite would apply every update; `tx` then runs as it is, without the conditional in the step,
-    and the counters stay 0: the run's NonFiniteGuard stops it at such a step, before it is saved.
+    apply_if_finite would apply every update; `tx` then runs as it is, without the conditional in the step:
+    the run's NonFiniteGuard stops it at a non-finite step, before it is saved. So every update a saved
+    state holds is finite, and it ends any streak of dropped ones a resumed checkpoint held (the in-a-row
+    count the guard starts from, `nonfinite_streak`).
     """
     guarded = optax.apply_if_finite(tx, max_consecutive_errors=config.skip_nonfinite_steps)
     if config.skip_nonfinite_steps > 0:
@@ -62,9 +65,33 @@ def _skip_nonfinite(
         updates: optax.Updates, state: optax.ApplyIfFiniteState, params: optax.Params | None = None
     ) -> tuple[optax.Updates, optax.ApplyIfFiniteState]:
         updates, inner_state = tx.update(updates, state.inner_state, params)
-        return updates, state._replace(inner_state=inner_state)
+        return updates, state._replace(inner_state=inner_state, notfinite_count=jnp.zeros_like(state.notfinite_count))
 
     return optax.GradientTransformation(guarded.init, update)
+
+
+def nonfinite_streak(opt_state: optax.OptState) -> int:
+    """The dropped (non-finite) updates in a row that end `opt_state`'s history: apply_if_finite applies the
+    next one past `skip_nonfinite_steps`, so a resumed run's NonFiniteGuard starts counting from here.
+
+    0 for a state without apply_if_finite's counters (mae_jax <= 07cd2d5 saved them only when skipping).
+    """
+    if isinstance(opt_state, optax.ApplyIfFiniteState):
+        return int(opt_state.notfinite_count)
+    return 0
+
+
+def applied_learning_rate(opt_state: optax.OptState, lr_schedule: optax.Schedule) -> jax.Array:
+    """The rate the next update applies: `lr_schedule` at the optimizer's own count of applied updates.
+
+    That count, not the train step, drives the schedule: updates apply_if_finite drops do not advance it.
+    """
+    (schedule_state,) = [
+        leaf
+        for leaf in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState))
+        if isinstance(leaf, optax.ScaleByScheduleState)
+    ]
+    return lr_schedule(schedule_state.count)
 
 
 def make_optimizer(config: ml_collections.ConfigDict, lr_schedule: optax.Schedule) -> optax.GradientTransformation:

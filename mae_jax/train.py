@@ -73,7 +73,8 @@ def make_train_step(
         new_state = state.replace(
             step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state
         )
-        return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": lr_schedule(state.step)}
+        lr = optim.applied_learning_rate(state.opt_state, lr_schedule)  # skipped steps do not advance it
+        return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": lr}
 
     if mesh is None or mesh.shape[sharding.FSDP_AXIS] == 1:
         return train_step

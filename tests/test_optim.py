@@ -292,3 +292,23 @@ def test_downstream_optimizers_skip_nonfinite_steps(make: str):
     updates, _ = tx.update(grads, tx.init(params), params)
     for new, old in zip(jax.tree.leaves(optax.apply_updates(params, updates)), jax.tree.leaves(params), strict=True):
         np.testing.assert_array_equal(new, old)
+
+
+@pytest.mark.parametrize("make", ["pretrain", "finetune", "linprobe"])
+def test_applied_learning_rate_is_the_schedule_at_the_updates_applied(make: str):
+    """Dropped (non-finite) updates do not advance the optimizer's schedule: after k of them, update n (from 0)
+    applies optax's schedule at n - k, the rate the loops log."""
+    config = downstream_config(skip_nonfinite_steps=3)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, 1.0, warmup_steps=2, decay_steps=8)
+    tx = {
+        "pretrain": lambda: optim.make_optimizer(config, schedule),
+        "finetune": lambda: optim.make_finetune_optimizer(config, schedule, 2),
+        "linprobe": lambda: optim.make_linprobe_optimizer(config, schedule),
+    }[make]()
+    params = {"encoder": {"blocks": {0: {"kernel": jnp.ones((2, 2))}}}, "head": {"bias": jnp.ones(2)}}
+    finite, nonfinite = jax.tree.map(jnp.ones_like, params), jax.tree.map(lambda p: p * jnp.nan, params)
+    state, skipped, update = tx.init(params), 0, jax.jit(tx.update)
+    for n, grads in enumerate([finite, nonfinite, nonfinite, finite, finite, nonfinite, finite]):
+        assert float(optim.applied_learning_rate(state, schedule)) == float(schedule(n - skipped)), n
+        _, state = update(grads, state, params)
+        skipped += grads is nonfinite

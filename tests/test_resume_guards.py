@@ -20,9 +20,11 @@ import orbax.checkpoint as ocp
 import pytest
 import tensorflow_datasets as tfds
 from etils import epath
+from tensorboard.backend.event_processing import event_accumulator
 
 from mae_jax import checkpointing, configuration, finetune, input_pipeline, loop, optim, train
 from tests.conftest import tiny_downstream_config, tiny_train_config, with_overrides
+from tests.test_checkpointing import ZeroImageMakesNaN
 
 STEPS = 4
 
@@ -125,6 +127,106 @@ def test_checkpoint_without_apply_if_finite_counters_resumes(
     assert_same_params(run(tmp_path, monkeypatch), uninterrupted)
 
 
+def skip_config(skip: int):
+    config = configuration.base_config()
+    config.skip_nonfinite_steps = skip
+    return config
+
+
+def test_skip_nonfinite_steps_0_ends_a_streak_a_resumed_checkpoint_holds():
+    """A checkpoint saved inside a streak of skipped steps (N > 0) resumed with 0: its finite step ends the streak,
+    as apply_if_finite's count does, so a later resume with N > 0 does not count the old streak on."""
+    schedule = optax.constant_schedule(1e-3)
+    skipping, stopping = (optim.make_optimizer(config, schedule) for config in map(skip_config, (2, 0)))
+    params = {"kernel": jnp.ones((2, 2))}
+    state = skipping.init(params)
+    for _ in range(2):
+        _, state = skipping.update(jax.tree.map(lambda p: p * jnp.nan, params), state, params)
+    assert optim.nonfinite_streak(state) == 2
+    _, state = stopping.update(jax.tree.map(jnp.ones_like, params), state, params)
+    assert optim.nonfinite_streak(state) == 0
+
+
+NONFINITE_STEPS = (2, 4, 5, 6)  # with skip_nonfinite_steps=2: 4 and 5 are skipped, 6 is the third in a row
+
+
+def source_with_nonfinite_steps(config, steps: tuple[int, ...]) -> list[dict]:
+    """Distinct gray images, and a black one (a NaN loss under `ZeroImageMakesNaN`) in each of `steps`' batches.
+
+    The stream's order depends on the seed and the number of images alone, so a gray source shows where each
+    image goes.
+    """
+    source = [{"image": np.full((16, 16, 3), i + 1, np.uint8), "label": i, "name": str(i)} for i in range(64)]
+    batches = iter(input_pipeline.train_dataset(source, config, input_pipeline.SkippedImages()))
+    for step in range(1, max(steps) + 1):
+        labels = next(batches)["label"]
+        if step in steps:
+            source[labels[0]]["image"] = np.zeros((16, 16, 3), np.uint8)
+    return source
+
+
+def logged(workdir: pathlib.Path, key: str) -> dict[int, float]:
+    """Step -> the value of `key` the run wrote to its TensorBoard events."""
+    values = {}
+    for events in sorted(workdir.glob("events.out.tfevents.*")):
+        accumulator = event_accumulator.EventAccumulator(str(events))
+        accumulator.Reload()
+        values |= {event.step: event.value for event in accumulator.Scalars(key)}
+    return values
+
+
+def streak_config():
+    return tiny_train_config(total_steps=7, checkpoint_every_steps=100, log_every_steps=1, skip_nonfinite_steps=2)
+
+
+def inject_nonfinite_steps(patch: pytest.MonkeyPatch) -> None:
+    """NONFINITE_STEPS of `streak_config`'s run get a NaN loss and gradients."""
+    source = source_with_nonfinite_steps(streak_config(), NONFINITE_STEPS)
+    patch.setattr(input_pipeline, "make_source", lambda dataset: source)
+    patch.setattr(input_pipeline, "normalize", ZeroImageMakesNaN(input_pipeline.normalize))
+
+
+@pytest.fixture(scope="module")
+def preempted_in_a_streak(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    """A workdir whose run skipped steps 2, 4 and 5 and was preempted at 5, inside a streak of 2."""
+    workdir = tmp_path_factory.mktemp("streak")
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(loop.Preempted, match="at step 5:"):
+        inject_nonfinite_steps(patch)
+        patch.setattr(checkpointing.PreemptionWatch, "reached", lambda self, manager, step: step == 5)
+        train.train_and_evaluate(streak_config(), str(workdir))
+    return workdir
+
+
+def test_nonfinite_streak_across_a_resume_stops_the_run_before_its_update_is_saved(
+    preempted_in_a_streak: pathlib.Path, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Resumed at step 5, the run must stop at 6, the third non-finite step in a row: apply_if_finite, whose
+    count came back with the checkpoint, applies it."""
+    workdir = tmp_path / "run"
+    shutil.copytree(preempted_in_a_streak, workdir)
+    inject_nonfinite_steps(monkeypatch)
+    with pytest.raises(loop.NonFiniteError, match=r"at step 6 .*3 in a row, skip_nonfinite_steps=2"):
+        train.train_and_evaluate(streak_config(), str(workdir))
+    assert max(int(p.name) for p in (workdir / "checkpoints").iterdir()) == 5
+    with ocp.StandardCheckpointer() as checkpointer:
+        saved = checkpointer.restore(workdir / "checkpoints" / "5" / "state")
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(saved["params"]))
+
+
+def test_logged_lr_is_the_rate_applied_after_skipped_steps(preempted_in_a_streak: pathlib.Path):
+    """The rate of update k is optax's schedule at the updates applied before it, which skipped steps do not
+    advance (the train step does)."""
+    config = streak_config()
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, optim.learning_rate(config.base_lr, config.batch_size), 1, config.total_steps, end_value=config.min_lr
+    )
+    lr = logged(preempted_in_a_streak, "lr")
+    steps = [1, 2, 3, 4, 5]
+    assert sorted(lr) == steps
+    applied_before = [step - 1 - sum(bad < step for bad in NONFINITE_STEPS) for step in steps]
+    np.testing.assert_allclose([lr[step] for step in steps], [schedule(n) for n in applied_before], rtol=1e-6)
+
+
 @pytest.mark.parametrize("task", ["finetune", "linprobe"])
 def test_downstream_run_resumes_with_skip_nonfinite_steps_switched(
     tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, task: str
@@ -202,7 +304,7 @@ def test_keys_that_do_not_change_a_step_may_change_across_a_resume(preempted: pa
         "log_every_steps": 1, "checkpoint_every_steps": 1, "keep_checkpoints": 1,
         "evals.reconstruction.every_steps": 2, "evals.reconstruction.num_images": 1, "input.num_threads": 1,
         "input.resize_on_device": False, "evals.knn.k": 5,
-        "dataset.data_dir": "/elsewhere", "compilation_cache": False,
+        "dataset.data_dir": "/elsewhere", "compilation_cache": False, "peak_tflops": 100.0,
     }  # fmt: skip
     state = train.train_and_evaluate(tiny_train_config(**free), str(workdir))
     assert int(state.step) == STEPS

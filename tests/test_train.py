@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import itertools
 import pathlib
 import shutil
 import time
+import types
+from collections.abc import Sequence
 
 import jax
 import numpy as np
@@ -86,10 +90,35 @@ class RecordingWriter:
 FINITE_METRICS = {"loss": np.float32(1.0), "grad_norm": np.float32(2.0), "lr": np.float32(1e-3)}
 
 
+class RecordingEvaluator:
+    """An evaluation every `every_steps` steps that records when it ran in `events`; like a real one, it waits
+    for the state it evaluates."""
+
+    name = "recording"
+
+    def __init__(self, every_steps: int, events: list[str]):
+        self.every_steps, self.events = every_steps, events
+
+    def due(self, step: int, total_steps: int) -> bool:
+        return step % self.every_steps == 0 or step == total_steps
+
+    def run(self, model) -> dict[str, float]:
+        jax.block_until_ready(model)
+        self.events.append("evaluate")
+        return {"recorded": 1.0}
+
+
 def bookkeeper(
-    workdir: pathlib.Path, writer: RecordingWriter, *, start_step: int, flops_per_step: float, **overrides
+    workdir: pathlib.Path,
+    writer: RecordingWriter,
+    *,
+    start_step: int,
+    flops_per_step: float,
+    evaluators: Sequence[RecordingEvaluator] = (),
+    **overrides,
 ) -> loop.Bookkeeper:
-    """A Bookkeeper of a 50-step run of the tiny config, checkpointing into `workdir`/checkpoints."""
+    """A Bookkeeper of a 50-step run of the tiny config, checkpointing into `workdir`/checkpoints; its
+    `evaluators` get the state as their model."""
     from etils import epath
 
     from mae_jax import checkpointing, input_pipeline
@@ -99,7 +128,7 @@ def bookkeeper(
     return loop.Bookkeeper(
         config, manager, writer, input_pipeline.SkippedImages(),
         start_step=start_step, total_steps=50, workdir=workdir, flops_per_step=flops_per_step,
-        run_record=config.to_dict(),
+        run_record=config.to_dict(), evaluators=evaluators, model_of=lambda state: state,
     )  # fmt: skip
 
 
@@ -138,3 +167,95 @@ def test_bookkeeper_traces_profile_steps_after_a_restart(tmp_path: pathlib.Path,
             books.record(step, state, FINITE_METRICS)
             assert bool(traces()) == (step >= start + loop.PROFILE_AFTER_STEPS + 2), step
     assert len(traces()) == 1  # a loop that ends inside the traced steps still writes its trace
+
+
+class QueuedArray:
+    """A stand-in for an array a dispatched step returns: ready (`block_until_ready`, `jax.device_get`) once the
+    step is `done` on the device, as JAX's asynchronous dispatch has it."""
+
+    def __init__(self, done: concurrent.futures.Future, value: float = 0.0):
+        self.done, self.value = done, value
+
+    def block_until_ready(self) -> QueuedArray:
+        self.done.result()
+        return self
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        self.done.result()
+        return np.asarray(self.value, dtype)
+
+
+STEP_SECONDS = 0.1
+
+
+def test_step_time_keeps_the_queued_steps_an_evaluation_waits_for(tmp_path: pathlib.Path):
+    """An evaluation at a step that does not log first waits for the steps still queued: that wait is training
+    time. The stand-in device runs each step as a STEP_SECONDS sleep, one after another in dispatch order, so
+    every logged step time is at least STEP_SECONDS however fast or loaded the machine is."""
+    writer, events = RecordingWriter(), []
+    books = bookkeeper(tmp_path, writer, start_step=0, flops_per_step=1.0, log_every_steps=4,
+                       evaluators=[RecordingEvaluator(3, events)])  # fmt: skip
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as device, books:
+        for step in range(1, 5):
+            done = device.submit(time.sleep, STEP_SECONDS)  # dispatched: runs after the steps before it
+            state = QueuedArray(done)
+            books.record(step, state, {key: QueuedArray(done, value) for key, value in FINITE_METRICS.items()})
+            books.save(step, state)
+            books.evaluate(step, state)
+    assert events == ["evaluate"] and sorted(writer.scalars) == [3, 4]  # the evaluation at 3, the summary at 4
+    assert writer.scalars[4]["step_time_s"] >= STEP_SECONDS
+
+
+def test_preempted_at_an_evaluation_step_saves_and_stops_without_evaluating(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+):
+    """The grace period after SIGTERM (30-120 s) is for the save: the evaluation due at that step does not run."""
+    from mae_jax import checkpointing
+
+    events: list[str] = []
+    save = checkpointing.save
+
+    def recorded_save(manager, step: int, *args) -> None:
+        events.append(f"save {step}")
+        save(manager, step, *args)
+
+    monkeypatch.setattr(checkpointing, "save", recorded_save)
+    monkeypatch.setattr(checkpointing.PreemptionWatch, "reached", lambda self, manager, step: step == 2)
+    books = bookkeeper(tmp_path, RecordingWriter(), start_step=0, flops_per_step=1.0, log_every_steps=100,
+                       evaluators=[RecordingEvaluator(2, events)])  # fmt: skip
+    state = loop.TrainState(step=np.zeros((), np.int32), params={"w": np.ones(2)}, fixed={"p": np.ones(1)},
+                            opt_state={"count": np.zeros((), np.int32)})  # fmt: skip
+    stand_in = types.SimpleNamespace(train_step=lambda state, image: (state, FINITE_METRICS), batch_keys=("image",))
+    with pytest.raises(loop.Preempted) as preempted:
+        loop.train(books, stand_in, state, itertools.repeat({"image": np.zeros(1)}))
+    assert events == ["save 2"] and books.manager.latest_step() == 2
+    assert str(preempted.value).endswith("(the evaluations due at this step did not run: recording)")
+
+
+def test_mfu_uses_the_configured_peak_and_without_one_the_log_says_how_to_give_it(
+    tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture
+):
+    state = np.zeros(())
+    with caplog.at_level("INFO"):
+        with bookkeeper(tmp_path / "tabled", RecordingWriter(), start_step=0, flops_per_step=1.0):
+            pass  # no peak is tabled for CPUs
+        unknown = [record.getMessage() for record in caplog.records if "MFU" in record.getMessage()]
+        caplog.clear()
+        writer = RecordingWriter()
+        with bookkeeper(tmp_path / "given", writer, start_step=0, flops_per_step=4e12, log_every_steps=2,
+                        peak_tflops=50.0) as books:  # fmt: skip
+            for step in (1, 2):
+                books.record(step, state, FINITE_METRICS)
+    kind = jax.devices()[0].device_kind
+    assert len(unknown) == 1 and unknown[0].startswith(f"MFU is not reported: no peak TFLOP/s is known for device "
+                                                       f"kind {kind!r}; pass --config.peak_tflops=")  # fmt: skip
+    assert not [record for record in caplog.records if "MFU" in record.getMessage()]
+    summary = writer.scalars[2]
+    assert summary["mfu"] == pytest.approx(summary["tflops_per_device"] / 50.0)
+
+
+def test_negative_peak_tflops_is_refused_in_one_line():
+    from mae_jax import configuration
+
+    with pytest.raises(configuration.ConfigError, match=r"^peak_tflops=-1.0 must be > 0 \(TFLOP/s per device\)"):
+        configuration.validate(tiny_train_config(peak_tflops=-1.0))
