@@ -29,6 +29,7 @@ from flax import nnx
 
 from mae_jax.models.mae import MAEConfig, abstract_model_state
 from mae_jax.models.vit import Encoder, unrolled, unrolled_layout
+from mae_jax.newest_checkpoint import CHECKPOINTS_DIR
 
 MODEL_CONFIG_FILE = "model.json"
 PARAMS_DIR = "params"
@@ -174,7 +175,7 @@ def make_manager(workdir: epath.Path, keep: int) -> ocp.CheckpointManager:
     previous checkpoint as the newest; the leftover folder is removed here, at the next start.
     """
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True)
-    return ocp.CheckpointManager(workdir.absolute() / "checkpoints", options=options)
+    return ocp.CheckpointManager(workdir.absolute() / CHECKPOINTS_DIR, options=options)
 
 
 def _saved_config(manager: ocp.CheckpointManager, step: int) -> dict:

@@ -18,6 +18,7 @@ from flax import nnx
 from mae_jax import checkpointing, configuration, convert
 from mae_jax.models.mae import MAE, MAEConfig
 from mae_jax.models.vit import Compute, unrolled, unrolled_layout
+from mae_jax.newest_checkpoint import CHECKPOINTS_DIR
 
 # Official files trained on raw pixels (no norm-pix loss), whose names say so.
 PIXEL_LOSS_PREFIX = "mae_visualize_"
@@ -43,7 +44,7 @@ def load(path: str, norm_pix_loss: bool | None = None) -> tuple[MAEConfig, nnx.S
         config, state = _from_official_file(location, norm_pix_loss)
     elif (location / checkpointing.MODEL_CONFIG_FILE).exists():
         config, state = checkpointing.load_params(location)
-    elif (location / "checkpoints").is_dir():
+    elif (location / CHECKPOINTS_DIR).is_dir():
         config, state = _from_workdir(location)
     elif convert.hf.is_model_dir(location):
         config, state = _from_hf_dir(location, norm_pix_loss)
@@ -80,7 +81,7 @@ def _from_hf_dir(directory: epath.Path, norm_pix_loss: bool | None) -> tuple[MAE
 def _read_only_manager(workdir: epath.Path) -> ocp.CheckpointManager:
     # What read_only implies anyway; given explicitly, orbax does not warn about each.
     options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
-    return ocp.CheckpointManager(epath.Path(workdir).absolute() / "checkpoints", options=options)
+    return ocp.CheckpointManager(epath.Path(workdir).absolute() / CHECKPOINTS_DIR, options=options)
 
 
 def _newest_run(manager: ocp.CheckpointManager) -> tuple[int, ml_collections.ConfigDict] | None:
@@ -97,7 +98,7 @@ def _newest_run(manager: ocp.CheckpointManager) -> tuple[int, ml_collections.Con
 
 def run_config(workdir: str | epath.Path) -> ml_collections.ConfigDict | None:
     """The config a training workdir's newest checkpoint was saved with; None where `workdir` holds none."""
-    if not (epath.Path(workdir) / "checkpoints").is_dir():
+    if not (epath.Path(workdir) / CHECKPOINTS_DIR).is_dir():
         return None
     with _read_only_manager(workdir) as manager:
         newest = _newest_run(manager)

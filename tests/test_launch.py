@@ -3,14 +3,19 @@ against stand-ins for python, srun, scontrol and gcloud; every script is shellch
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
+import select
 import shlex
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+
+import pytest
 
 from tests.conftest import REPO
 
@@ -89,6 +94,10 @@ def test_local_success_and_usage(tmp_path: pathlib.Path):
 # slurm.sbatch
 # ---------------------------------------------------------------------------------------------------
 SLURM_ARGS = ("--config=configs/vit_large.py", "--workdir=/shared/runs/l16")
+SLURM_HEADER = [
+    line.split()[1] for line in (LAUNCH / "slurm.sbatch").read_text().splitlines() if line.startswith("#SBATCH")
+]
+STANDINS = REPO / "tests" / "standins"
 
 
 def test_slurm_dry_run_two_nodes():
@@ -101,43 +110,105 @@ def test_slurm_dry_run_two_nodes():
     assert shlex.split(command) == [
         "srun", "--nodes=2", "--ntasks-per-node=8", "--kill-on-bad-exit=1", *MAIN, *SLURM_ARGS
     ]  # fmt: skip
-    header = [
-        line.split()[1] for line in (LAUNCH / "slurm.sbatch").read_text().splitlines() if line.startswith("#SBATCH")
-    ]
-    assert {"--requeue", "--signal=B:TERM@120", "--ntasks-per-node=8", "--gpus-per-node=8"} <= set(header)
+    assert {"--requeue", "--ntasks-per-node=8", "--gpus-per-node=8"} <= set(SLURM_HEADER)
 
 
-def test_slurm_sigterm_is_passed_on_and_the_job_requeued(tmp_path: pathlib.Path):
+def slurm_job_env(tmp_path: pathlib.Path, **env: str) -> dict[str, str]:
+    """A batch job's environment on a stand-in Slurm: tests/standins/slurm.py as srun, scancel and scontrol (they
+    signal as Slurm does), and a python whose `-m mae_jax.main` is tests/standins/fake_main.py (it saves and
+    exits 143 on SIGTERM) while `-m mae_jax.newest_checkpoint` is the real one. One node, two tasks."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    stand_in(bin_dir, "srun", 'while [[ $1 == --* ]]; do shift; done\nexec "$@"\n')  # drop srun's options
-    stand_in(bin_dir, "scontrol", f'echo "$*" >> {tmp_path / "scontrol.log"}\n')
-    python = stand_in(  # main.py on SIGTERM: save, exit 143
-        bin_dir, "python", "trap 'echo saved; exit 143' TERM\necho started\nwhile :; do sleep 0.1; done\n"
+    python = shlex.quote(sys.executable)
+    for command in ("srun", "scancel", "scontrol"):
+        stand_in(bin_dir, command, f'exec {python} {STANDINS / "slurm.py"} {command} "$@"\n')
+    stand_in(
+        bin_dir,
+        "python",
+        f'if [[ $1 == -m && $2 == mae_jax.main ]]; then shift 2; exec {python} {STANDINS / "fake_main.py"} "$@"; fi\n'
+        f'exec {python} "$@"\n',
     )
-    env = {
+    return {
         **os.environ,
         "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
-        "PYTHON": str(python),
+        "PYTHON": str(bin_dir / "python"),
+        "SLURM_STANDIN_DIR": str(tmp_path),
         "SLURM_JOB_NUM_NODES": "1",
-        "SLURM_GPUS_ON_NODE": "1",
+        "SLURM_GPUS_ON_NODE": "2",
         "SLURM_JOB_ID": "4242",
+        **env,
     }
+
+
+def scancel(env: dict[str, str], *flags: str) -> None:
+    subprocess.run([shutil.which("scancel", path=env["PATH"]), *flags, env["SLURM_JOB_ID"]], env=env, check=True)
+
+
+def time_limit_warning(env: dict[str, str]) -> None:
+    """What slurmctld does at the time limit minus `--signal`'s seconds, with the script's own `#SBATCH --signal`
+    (job_mgr.c `send_job_warn_signal`): SIGCONT, then the signal; with `B:` to the batch script only, else to the
+    tasks of the job's steps only."""
+    (value,) = [line.split("=", 1)[1] for line in SLURM_HEADER if line.startswith("--signal=")]
+    scope, _, signal_and_time = value.rpartition(":")
+    flags = ["--batch"] if "B" in scope else []
+    scancel(env, "--signal=CONT", *flags)
+    scancel(env, f"--signal={signal_and_time.split('@')[0]}", *flags)
+
+
+def run_slurm_job(tmp_path: pathlib.Path, stop: Callable[[dict[str, str]], None], **env: str) -> tuple[int, str]:
+    """Start the batch script (as slurmstepd does: leader of its own process group), wait until both tasks run,
+    `stop` it, and return its exit status and output. The workdir starts with step 100 saved."""
+    (tmp_path / "run" / "checkpoints" / "100" / "state").mkdir(parents=True)
+    job_env = slurm_job_env(tmp_path, **env)
     job = subprocess.Popen(
-        ["bash", str(LAUNCH / "slurm.sbatch"), *SLURM_ARGS], env=env, stdout=subprocess.PIPE, text=True
+        ["bash", str(LAUNCH / "slurm.sbatch"), "--config=configs/vit_large.py", f"--workdir={tmp_path / 'run'}"],
+        env=job_env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
+    (tmp_path / "batch.pid").write_text(str(job.pid))
+    output = b""
     try:
-        line = "-"
-        while line and "started" not in line:
-            line = job.stdout.readline()
-        assert line, "the job ended before the run started"
-        job.send_signal(signal.SIGTERM)
-        out, _ = job.communicate(timeout=30)
+        while not {b"task 0 started", b"task 1 started"} <= set(output.splitlines()):
+            ready, _, _ = select.select([job.stdout], [], [], 60)  # a bound on a hang, not a timing
+            chunk = os.read(job.stdout.fileno(), 65536) if ready else b""
+            assert chunk, f"the tasks did not start: {output.decode()}"
+            output += chunk
+        stop(job_env)
+        output += job.communicate(timeout=60)[0]
     finally:
-        job.kill()
-    assert job.returncode == 143
-    assert "saved" in out and "requeueing job 4242" in out
+        tasks = tmp_path / "tasks"  # the running tasks' process groups, as srun's stand-in lists them
+        for group in [job.pid, *map(int, tasks.read_text().split() if tasks.exists() else [])]:
+            with contextlib.suppress(ProcessLookupError):  # after a failure: leave no stand-in processes behind
+                os.killpg(group, signal.SIGKILL)
+    return job.returncode, output.decode()
+
+
+@pytest.mark.parametrize(
+    "stop",
+    [time_limit_warning, lambda env: scancel(env, "--signal=TERM", "--batch")],
+    ids=["time-limit-warning", "sigterm-to-the-batch-script"],
+)
+def test_slurm_stop_saves_and_requeues(tmp_path: pathlib.Path, stop: Callable[[dict[str, str]], None]):
+    """At the time limit the tasks get SIGTERM, save and exit 143, and the job is requeued. A SIGTERM that only
+    the batch script gets (`sbatch --signal=B:TERM@120`, `scancel --batch`) reaches the tasks too, never as
+    srun's SIGKILL."""
+    status, out = run_slurm_job(tmp_path, stop, FAKE_MAIN_STEP="150")
+    assert status == 143, out
+    assert "task 0 saved step 150" in out
+    assert "the run saved step 150 and stopped; requeueing job 4242" in out
     assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"
+
+
+def test_slurm_no_requeue_without_a_new_checkpoint(tmp_path: pathlib.Path):
+    """A run that stops (143) without saving a newer step, as when the signal comes during start-up, is not
+    requeued: the requeued job would stop at the same place again. Here a preemption (SIGTERM to the tasks)."""
+    status, out = run_slurm_job(tmp_path, lambda env: scancel(env, "--signal=TERM"), FAKE_MAIN_SAVES="0")
+    assert status == 143, out
+    assert "the run stopped without saving a step newer than at the start (100; now 100); not requeueing" in out
+    assert not (tmp_path / "scontrol.log").exists()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -162,9 +233,9 @@ def test_tpu_dry_run_two_workers():
     commands = [shlex.split(line) for line in result.stdout.splitlines() if not line.startswith("tpu_vm.sh:")]
     tpu = ["gcloud", "compute", "tpus", "tpu-vm"]
     assert [command[:5] for command in commands if command[:4] == tpu] == [
-        [*tpu, verb] for verb in ("describe", "create", "scp", "ssh", "ssh", "ssh")
+        [*tpu, verb] for verb in ("describe", "create", "describe", "scp", "ssh", "ssh", "ssh")
     ]
-    _, create, _, scp, install, run, status = commands  # describe, create, git archive, ...
+    _, create, _, _, scp, install, run, status = commands  # describe, create, describe, git archive, ...
     assert create == [
         *tpu,
         "create",
@@ -185,39 +256,38 @@ def test_tpu_workdir_must_be_gcs():
     assert "--workdir must be a gs:// path" in result.stderr
 
 
-def fake_gcloud(folder: pathlib.Path, outcomes: list[str]) -> dict[str, str]:
-    """A gcloud whose VM is preempted or whose run ends with the given status, one outcome per run."""
+def fake_gcloud(
+    folder: pathlib.Path, outcomes: list[str], *, faults: tuple[str, ...] = (), state: str | None = None
+) -> dict[str, str]:
+    """tests/standins/gcloud.py as gcloud: the VM (in `state`, or none) is preempted or its run ends with the
+    given status, one outcome per run; `faults` are failures of gcloud calls ("describe UNAVAILABLE"). `sleep`
+    only records how long it was asked to wait."""
     (folder / "outcomes").write_text("\n".join(outcomes) + "\n")
-    stand_in(folder, "gcloud", f"""cd {folder}
-echo "${{4}} ${{*: -1}}" >> calls
-case $4 in
-  describe) cat state 2>/dev/null || true ;;
-  create | start) echo READY > state ;;
-  delete) rm -f state ;;
-  ssh)
-    case $* in
-      *--worker=0*) cat status 2>/dev/null ;;
-      *mae_jax.main*)
-        echo x >> runs
-        outcome=$(sed -n "$(wc -l < runs)p" outcomes)
-        if [[ $outcome == preempt ]]; then echo PREEMPTED > state; rm -f status; exit 255; fi
-        echo "$outcome" > status; exit "$outcome" ;;
-    esac ;;
-esac
-""")  # fmt: skip
+    (folder / "faults").write_text("".join(f"{fault}\n" for fault in faults))
+    if state is not None:
+        (folder / "state").write_text(f"{state}\n")
+    stand_in(folder, "gcloud", f'exec {shlex.quote(sys.executable)} {STANDINS / "gcloud.py"} "$@"\n')
     stand_in(folder, "git", "if [[ $* == *rev-parse* ]]; then echo /repo; fi\n")
-    return {"PATH": f"{folder}{os.pathsep}{os.environ['PATH']}", "TMPDIR": str(folder)}
+    stand_in(folder, "sleep", f'echo "$1" >> {folder / "sleeps"}\n')
+    return {
+        "PATH": f"{folder}{os.pathsep}{os.environ['PATH']}",
+        "TMPDIR": str(folder),
+        "GCLOUD_STANDIN_DIR": str(folder),
+    }
+
+
+def gcloud_verbs(folder: pathlib.Path) -> list[str]:
+    return [line.split()[0] for line in (folder / "calls").read_text().splitlines()]
 
 
 def test_tpu_recreates_a_preempted_vm_and_reruns(tmp_path: pathlib.Path):
     env = fake_gcloud(tmp_path, ["preempt", "143", "0"])
     result = launch("tpu_vm.sh", *TPU_ARGS, env=env)
     assert result.returncode == 0, result.stdout + result.stderr
-    verbs = [line.split()[0] for line in (tmp_path / "calls").read_text().splitlines()]
-    assert verbs == [
-        "describe", "create", "scp", "ssh", "ssh", "ssh",  # no VM: create, install, run (preempted), status
-        "describe", "delete", "create", "scp", "ssh", "ssh", "ssh",  # PREEMPTED: recreate, install, run: 143
-        "describe", "ssh", "ssh",  # READY: run again without reinstalling; done
+    assert gcloud_verbs(tmp_path) == [
+        "describe", "create", "describe", "scp", "ssh", "ssh", "ssh",  # no VM: create; READY: install, run, status
+        "describe", "delete", "describe", "create", "describe", "scp", "ssh", "ssh", "ssh",  # PREEMPTED: recreate
+        "describe", "ssh", "ssh",  # READY after a 143: run again without reinstalling; done
     ]  # fmt: skip
     assert result.stdout.count("the run stopped") == 2
 
@@ -228,6 +298,47 @@ def test_tpu_run_error_stops_without_restart(tmp_path: pathlib.Path):
     assert result.returncode == 1
     assert "the run failed with status 1" in result.stderr
     assert (tmp_path / "runs").read_text().count("x") == 1
+
+
+def test_tpu_retries_stock_outs_and_gcloud_errors_with_backoff(tmp_path: pathlib.Path):
+    """A describe that fails (503) is asked again, never read as "no VM"; a create refused for capacity is tried
+    again, more often than --max_retries (5): stock-outs do not count. The waits double from TPU_VM_RETRY_DELAY
+    up to TPU_VM_MAX_RETRY_DELAY."""
+    env = fake_gcloud(tmp_path, ["0"], faults=("describe UNAVAILABLE", *["create CAPACITY"] * 6))
+    result = launch("tpu_vm.sh", *TPU_ARGS, env={**env, "TPU_VM_RETRY_DELAY": "5", "TPU_VM_MAX_RETRY_DELAY": "15"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert gcloud_verbs(tmp_path) == [
+        "describe", *["describe", "create"] * 7, "describe", "scp", "ssh", "ssh", "ssh"
+    ]  # fmt: skip
+    assert (tmp_path / "sleeps").read_text().split() == ["5", "10", "15", "15", "15", "15", "15"]
+    failures = [line for line in result.stderr.splitlines() if "trying again" in line]
+    assert failures[0] == (
+        "tpu_vm.sh: describe mae failed (try 1 of 5); trying again in 5 s: "
+        "ERROR: (gcloud.compute.tpus.tpu-vm.describe) UNAVAILABLE: The service is currently unavailable."
+    )
+    assert [line.split(": ERROR: ")[0] for line in failures[1:]] == [
+        f"tpu_vm.sh: create mae: no capacity; trying again in {delay} s (without limit)" for delay in (10, *[15] * 5)
+    ]
+    assert all('"message": "There is no more capacity in the zone' in line for line in failures[1:])
+
+
+def test_tpu_describe_error_does_not_create_an_existing_vm(tmp_path: pathlib.Path):
+    env = fake_gcloud(tmp_path, ["0"], faults=("describe UNAVAILABLE",), state="READY")
+    result = launch("tpu_vm.sh", *TPU_ARGS, env={**env, "TPU_VM_RETRY_DELAY": "1"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert gcloud_verbs(tmp_path) == ["describe", "describe", "scp", "ssh", "ssh", "ssh"]
+
+
+def test_tpu_gives_up_after_max_retries_in_a_row(tmp_path: pathlib.Path):
+    """An error that does not pass (here describe failing every time) ends the script after --max_retries (5)."""
+    env = fake_gcloud(tmp_path, ["0"], faults=("describe UNAVAILABLE",) * 6)
+    result = launch("tpu_vm.sh", *TPU_ARGS, env={**env, "TPU_VM_RETRY_DELAY": "1"})
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert gcloud_verbs(tmp_path) == ["describe"] * 6
+    assert (tmp_path / "sleeps").read_text().split() == ["1", "2", "4", "8", "16"]
+    assert result.stderr.splitlines()[-1].startswith(
+        "tpu_vm.sh: describe mae failed 6 times in a row; giving up: ERROR: (gcloud.compute.tpus.tpu-vm.describe)"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
