@@ -14,31 +14,47 @@ from mae_jax.models.classifier import LINPROBE, ClassifierConfig
 from mae_jax.models.mae import MAEConfig, num_kept
 from mae_jax.models.vit import EncoderConfig
 
-# Dense matmul peak per JAX device, TFLOP/s: (bfloat16, float32 at JAX's default precision). TPU v2/v3
-# devices are single cores; TPUs run float32 matmuls as bfloat16 passes, NVIDIA GPUs as TF32.
+# Dense (not sparse) matmul peak per JAX device, TFLOP/s: (bfloat16, float32 at JAX's default precision), keyed
+# by the exact `jax.Device.device_kind`: a substring would give an L40S the L4's peak, or an RTX A1000 the A100's.
+# Names: NVIDIA GPUs report the CUDA device name (NVIDIA's Linux driver README, appendix A, lists them); TPU
+# kinds are those of jax's own table (`chip_version_from_device_kind` in jax/_src/pallas/mosaic/tpu_info.py),
+# which gives v5e, v5p and v6e two names each. A kind not listed gets no MFU: give the peak on the command line.
+# NVIDIA GPUs run float32 matmuls as TF32 and TPUs as bfloat16 passes, so the float32 column is that peak.
+_H100_SXM = (989.5, 494.5)  # H100 SXM5 datasheet: BF16 1,979 and TF32 989 TFLOPS with sparsity, halved
+_A100 = (312.0, 156.0)  # A100 datasheet (SXM4 and PCIe, 40 and 80 GB): BF16 312, TF32 156 dense
 PEAK_TFLOPS = {
-    "TPU v2": (22.5, 22.5),
-    "TPU v3": (61.5, 61.5),
-    "TPU v4": (275.0, 275.0),
-    "TPU v5 lite": (197.0, 197.0),
+    # Cloud TPU system architecture pages, bf16 per chip; v2 and v3 chips are two JAX devices (cores) each
+    "TPU v2": (22.5, 22.5),  # 45 per chip
+    "TPU v3": (61.5, 61.5),  # 123 per chip
+    "TPU v4": (275.0, 275.0),  # one device per chip (megacore)
+    "TPU v5 lite": (197.0, 197.0),  # v5e
     "TPU v5e": (197.0, 197.0),
+    "TPU v5": (459.0, 459.0),  # v5p
     "TPU v5p": (459.0, 459.0),
-    "TPU v6 lite": (918.0, 918.0),
+    "TPU v6 lite": (918.0, 918.0),  # v6e (Trillium)
     "TPU v6e": (918.0, 918.0),
-    "H100": (989.0, 494.0),
-    "H200": (989.0, 494.0),
-    "H800": (989.0, 494.0),
-    "A100": (312.0, 156.0),
-    "L4": (121.0, 60.0),
+    "NVIDIA H100 80GB HBM3": _H100_SXM,  # H100 SXM5
+    "NVIDIA H200": _H100_SXM,  # H200 SXM datasheet: the same 1,979 / 989 with sparsity
+    "NVIDIA GH200 480GB": _H100_SXM,  # GH200 datasheet: the same
+    "NVIDIA H100 PCIe": (756.5, 378.0),  # H100 PCIe datasheet: BF16 1,513, TF32 756 with sparsity, halved
+    "NVIDIA H100 NVL": (835.5, 417.5),  # H100 NVL datasheet: BF16 1,671, TF32 835 with sparsity, halved
+    "NVIDIA A100-SXM4-40GB": _A100,
+    "NVIDIA A100-SXM4-80GB": _A100,
+    "NVIDIA A100-PCIE-40GB": _A100,
+    "NVIDIA A100 80GB PCIe": _A100,
+    "NVIDIA L4": (121.0, 60.0),  # L4 datasheet: BF16 242, TF32 120 with sparsity, halved
+    "NVIDIA L40S": (362.05, 183.0),  # L40S datasheet: BF16 362.05, TF32 183 dense
+    "NVIDIA L40": (181.05, 90.5),  # L40 datasheet: BF16 181.05, TF32 90.5 dense
 }
 
 
 def peak_tflops(device: jax.Device, dtype: str) -> float | None:
-    """The table's peak for `device` at compute `dtype` ("bfloat16" or "float32"); None if not listed."""
-    for kind, peaks in PEAK_TFLOPS.items():
-        if kind.lower() in device.device_kind.lower():
-            return peaks[0] if dtype == "bfloat16" else peaks[1]
-    return None
+    """The table's dense peak for `device` at compute `dtype` ("bfloat16" or "float32"); None for a device kind
+    the table does not list by its exact name (no MFU rather than a neighbour's peak)."""
+    peaks = PEAK_TFLOPS.get(device.device_kind)
+    if peaks is None:
+        return None
+    return peaks[0] if dtype == "bfloat16" else peaks[1]
 
 
 def block_flops(tokens: int, width: int, mlp_ratio: int) -> int:

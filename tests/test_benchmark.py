@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
 import re
 import subprocess
 import sys
 
+import jax
 import pytest
 
-from mae_jax import benchmark
+from mae_jax import benchmark, configuration
 from tests.conftest import REPO
 
 
@@ -17,27 +19,48 @@ def test_benchmark_prints_its_figures(tmp_path: pathlib.Path):
     command = [
         sys.executable, "-m", "mae_jax.benchmark", "--config=configs/demo.py", "--config.image_size=32",
         "--config.batch_size=8", "--config.model.decoder_width=32", "--config.model.decoder_depth=1",
-        "--config.model.decoder_heads=2", "--rounds=2", "--baseline", "--torch", "--both_layouts",
-        f"--profile={tmp_path}",
+        "--config.model.decoder_heads=2", "--rounds=2", "--baseline", "--torch",
+        "--torch_steps=eager,compiled+fused", "--torch_compile_backend=aot_eager", f"--profile={tmp_path}",
     ]  # fmt: skip
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     number = r"[\d.]+"
-    names = ("mae_jax", "mae_jax, mask tokens in encoder", "mae_jax, scanned blocks", "PyTorch ViTMAE (cpu)")
-    for name in names:  # step s, images/s, ..., MFU
+    # PyTorch as each --torch_steps entry asks: eager with torch's default AdamW, compiled with the fused one
+    eager, compiled = (
+        "PyTorch ViTMAE (cpu, eager, AdamW not fused)",
+        "PyTorch ViTMAE (cpu, torch.compile aot_eager, fused AdamW)",
+    )
+    for name in ("mae_jax", "mae_jax, mask tokens in encoder", eager, compiled):  # step s, images/s, ..., MFU
         assert re.search(rf"^{re.escape(name)} +{number} +{number} +{number} +{number} +{number}%$", out, re.M), out
-    assert "remat False, scan_blocks False;" in out, out
+    assert "(cpu, backend cpu)" in out and "remat False, scan_blocks False;" in out, out
     assert re.search(rf"^compile {number} s; per step", out, re.M), out
-    compared = rf"compile {number} s \({number}x mae_jax's {number} s\), step {number}x mae_jax's"
-    assert re.search(rf"^mae_jax, scanned blocks: {compared}", out, re.M), out
     assert re.search(rf"MAE speedup over the mask-token baseline: {number}x", out), out
-    assert re.search(rf"mae_jax vs PyTorch ViTMAE \(cpu\): {number}x", out), out
+    for name in (eager, compiled):
+        assert re.search(rf"mae_jax vs {re.escape(name)}: {number}x", out), out
     assert re.search(rf"peak: float32 2048\^3 matmul measured in this run, {number} TFLOP/s", out), out
     assert re.search(rf"per step: model {number} GFLOP .*XLA cost analysis {number} GFLOP", out), out
     assert "glibc malloc: one arena, no mmap, no trimming" in out, out
     assert f"profile in {tmp_path}: no device operations" in out, out  # CPU: XLA's work is on host threads
     assert len(list(tmp_path.glob("plugins/profile/*/perfetto_trace.json.gz"))) == 1
+
+
+def test_benchmark_refuses_a_missing_gpu_backend_in_one_line():
+    """JAX_PLATFORMS=cuda without a GPU backend (unset, JAX would fall back to the CPU with a warning only)."""
+    command = [sys.executable, "-m", "mae_jax.benchmark", "--config=configs/demo.py"]
+    env = {**os.environ, "JAX_PLATFORMS": "cuda"}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120, check=False)
+    line = "error: JAX_PLATFORMS=cuda: JAX could not start that backend: "
+    assert result.returncode == 1 and result.stderr.splitlines()[-1].startswith(line), result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "compile" not in result.stdout, result.stdout + result.stderr
+
+
+def test_torch_beside_a_gpu_needs_a_cuda_torch(monkeypatch: pytest.MonkeyPatch):
+    """This torch is the CPU build: beside a GPU it would time PyTorch on the CPU."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    steps = benchmark.parse_torch_steps(["eager"])
+    with pytest.raises(configuration.ConfigError, match=r"^--torch: JAX runs on the GPU but torch \S+ finds no CUDA"):
+        benchmark.torch_steps(configuration.base_config(), steps, "inductor")
 
 
 @pytest.mark.parametrize("task", ["finetune", "linprobe"])
@@ -101,3 +124,14 @@ def test_retain_freed_memory_keeps_a_freed_buffer_in_the_process():
         return int(result.stdout)
 
     assert rss_after_free(retain=True) - rss_after_free(retain=False) >= 56
+
+
+def test_torch_steps_read_each_entry_once():
+    steps = benchmark.parse_torch_steps(["eager", "compiled+fused", "eager+fused", "compiled"])
+    assert [(s.compiled, s.fused) for s in steps] == [(False, False), (True, True), (False, True), (True, False)]
+    for entries, problem in (
+        (["jit"], "'jit' is not eager or compiled"),
+        (["eager", "eager"], "'eager' is given twice"),
+    ):
+        with pytest.raises(configuration.ConfigError, match=f"^--torch_steps: {problem}"):
+            benchmark.parse_torch_steps(entries)

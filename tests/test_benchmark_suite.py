@@ -34,11 +34,16 @@ def launch(*args: str, env: dict[str, str], timeout: float = 600) -> subprocess.
     )
 
 
-def table_rows(report: str, heading: str) -> dict[str, list[str]]:
-    """The rows of the table under `## heading`, by their first cell."""
+def table_lines(report: str, heading: str) -> list[list[str]]:
+    """The rows of the table under `## heading`, as cells, the header left out."""
     section = report.split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0]
     rows = [line.strip("|").split(" | ") for line in section.splitlines() if line.startswith("| ")]
-    return {cells[0].strip(): [cell.strip() for cell in cells[1:]] for cells in rows[1:]}
+    return [[cell.strip() for cell in cells] for cells in rows[1:]]
+
+
+def table_rows(report: str, heading: str) -> dict[str, list[str]]:
+    """The rows of the table under `## heading`, by their first cell."""
+    return {cells[0]: cells[1:] for cells in table_lines(report, heading)}
 
 
 def raw_json(report: str, key: str) -> dict:
@@ -50,9 +55,11 @@ def raw_json(report: str, key: str) -> dict:
 # The dry run, through the launch script
 # ---------------------------------------------------------------------------------------------------
 # One item of each kind of plumbing (the rest differ from these in config file, batch or XLA flags, which the
-# stand-in tests below follow into the process): both layouts in one process, PyTorch beside JAX, a step loaded
-# from the shared cache, a model override, a GPU-only item. `bash launch/gpu_benchmark.sh --dry-run` runs all.
-DRY_RUN_ITEMS = ("layouts", "L16_b128_torch", "L16_b128", "cudnn", "autodiff")
+# stand-in tests below follow into the process): the two layouts each in its own process and cache (the other's a
+# model override), PyTorch eager and compiled beside JAX with a step loaded from the shared cache, a GPU-only item.
+# `bash launch/gpu_benchmark.sh --dry-run` runs all.
+DRY_RUN_ITEMS = ("layout_default", "layout_other", "L16_b128_torch", "cudnn")
+TORCH_TABLE = "a. ViT-L/16 against transformers' ViTMAE (PyTorch)"
 
 
 def test_dry_run_reports_every_item(tmp_path: pathlib.Path):
@@ -68,24 +75,35 @@ def test_dry_run_reports_every_item(tmp_path: pathlib.Path):
     expected = {item.key: "needs a GPU" if item.needs_gpu else "ok" for item in ITEMS if item.key in DRY_RUN_ITEMS}
     expected |= {item.key: "not selected" for item in ITEMS if item.key not in DRY_RUN_ITEMS}
     assert {key: cells[1] for key, cells in statuses.items()} == expected, report
-    assert "- device: 1 x cpu (cpu)" in report, report
+    # the backend and device of every figure: the CPU, named as such
+    assert "- backend: cpu (DRY RUN: every item with JAX_PLATFORMS=cpu)" in report, report
+    assert {cells[2] for cells in statuses.values() if cells[1] == "ok"} == {"cpu: 1 x cpu"}, statuses
 
-    cells = table_rows(report, "a. ViT-L/16 against transformers' ViTMAE (PyTorch)")
-    assert cells["L16_b256_torch"][0] == "not selected", cells
-    key = "L16_b128_torch"  # step s, PyTorch's, their ratio
-    assert re.fullmatch(NUMBER, cells[key][1]) and re.fullmatch(NUMBER, cells[key][6]), cells[key]
-    assert re.fullmatch(rf"{NUMBER}x", cells[key][8]), cells[key]
-    figures = raw_json(report, key)
-    torch_s, mae_s = figures[next(n for n in figures if n.startswith("PyTorch"))]["step_s"], figures["mae_jax"]
-    assert cells[key][8] == f"{torch_s / mae_s['step_s']:.2f}x"  # the ratio of the times beside it
+    # PyTorch eager (the README's comparison) and compiled with the fused AdamW, each against mae_jax's step
+    torch_rows = [cells for cells in table_lines(report, TORCH_TABLE) if cells[0] == "L16_b128_torch"]
+    timed = "PyTorch ViTMAE (cpu, bf16 autocast, {}, {})"
+    assert [cells[8] for cells in torch_rows] == [
+        timed.format("eager", "AdamW not fused"),
+        timed.format("torch.compile aot_eager", "fused AdamW"),
+    ], torch_rows
+    figures = raw_json(report, "L16_b128_torch")
+    for cells in torch_rows:  # step s, PyTorch's, their ratio, from the JSON beside them
+        assert cells[1] == "JAX cpu: 1 x cpu; PyTorch cpu", cells
+        torch_s, mae_s = figures[cells[8]]["step_s"], figures["mae_jax"]["step_s"]
+        assert re.fullmatch(NUMBER, cells[3]) and re.fullmatch(NUMBER, cells[9]), cells
+        assert cells[11] == f"{torch_s / mae_s:.2f}x", cells
+    assert table_rows(report, TORCH_TABLE)["L16_b256_torch"][0] == "not selected"
+    # its step came from the cache that layout_default filled (merged from that item's own cache)
+    assert torch_rows[0][7].endswith("(cache load)"), torch_rows
+    assert figures["compile_s"] < raw_json(report, "layout_default")["compile_s"] / 2
+
     layouts = table_rows(report, "d. Scanned against unrolled blocks, ViT-L/16 batch 128")
     assert list(layouts) == ["unrolled (the default)", "scanned"], layouts
-    assert all(re.fullmatch(NUMBER, cells[0]) for cells in layouts.values()), layouts
+    assert [cells[0] for cells in layouts.values()] == ["layout_default", "layout_other"], layouts
+    assert all(cells[1] == "cpu: 1 x cpu" and re.fullmatch(NUMBER, cells[2]) for cells in layouts.values()), layouts
+    assert raw_json(report, "layout_other")["config"]["model"]["scan_blocks"] is True
     cudnn = table_rows(report, "c. XLA against cuDNN attention, ViT-L/16 batch 128")
-    assert cudnn["cudnn"][0] == "needs a GPU" and re.fullmatch(NUMBER, cudnn["L16_b128"][2]), cudnn
-    flags = table_rows(report, "f. XLA flags, ViT-L/16 batch 128")
-    assert list(flags) == ["L16_b128", "cmdbuf_off", "cmdbuf_loops", "lhs"], flags
-    assert re.fullmatch(rf"{NUMBER}x", flags["L16_b128"][-1]) and flags["lhs"][0] == "not selected", flags
+    assert cudnn["cudnn"][0] == "needs a GPU" and cudnn["L16_b128"][0] == "not selected", cudnn
 
     for item in ITEMS:  # what each process ran with, from its own JSON
         if item.needs_gpu or item.key not in DRY_RUN_ITEMS:
@@ -94,22 +112,27 @@ def test_dry_run_reports_every_item(tmp_path: pathlib.Path):
         figures = raw_json(report, item.key)
         assert figures["config"]["batch_size"] == item.batch // 32 and figures["config"]["model"]["dtype"] == "bfloat16"
         assert item.xla_flags in figures["xla_flags"] and figures["versions"]["jax"] == jax.__version__
-    assert raw_json(report, "autodiff")["config"]["model"]["kernels"] == "autodiff"
-    assert raw_json(report, "layouts")["mae_jax, scanned blocks"]["compile_s"] > 0
-    # The baseline's step was compiled by `layouts` (the same program): loaded from the shared cache.
-    baseline_compile = table_rows(report, "e. Custom-VJP kernels against jax's autodiff, ViT-L/16 batch 128")
-    assert baseline_compile["L16_b128"][6].endswith("(cache load)"), baseline_compile
-    assert raw_json(report, "L16_b128")["compile_s"] < raw_json(report, "layouts")["compile_s"] / 2
     assert "## Failed, timed out, skipped\n\n- **cudnn**: needs a GPU: not run in a dry run\n" in report, report
 
 
 # ---------------------------------------------------------------------------------------------------
-# Failures, timeouts and the budget, against a stand-in benchmark
+# Failures, timeouts, the budget and the caches, against a stand-in benchmark
 # ---------------------------------------------------------------------------------------------------
 STAND_IN = """
-import json, os, sys, time
+import json, os, pathlib, re, sys, time
 args = dict(arg.split("=", 1) for arg in sys.argv[1:] if "=" in arg)
 open(os.environ["STAND_IN_PIDS"], "a").write(f"{os.getpid()} ")
+# As JAX does: read the compilation cache and XLA's autotuning cache, then write what it compiled into both.
+cache = pathlib.Path(os.environ["JAX_COMPILATION_CACHE_DIR"])
+autotune = pathlib.Path(re.findall(r"--xla_gpu_per_fusion_autotune_cache_dir=(\\S+)", os.environ["XLA_FLAGS"])[-1])
+found = sorted(str(p.relative_to(cache)) for p in cache.rglob("*") if p.is_file()) if cache.exists() else []
+tuned = sorted(p.name for p in autotune.rglob("*") if p.is_file()) if autotune.exists() else []
+seen = {"pid": os.getpid(), "cache": str(cache), "autotune": str(autotune), "found": found, "tuned": tuned}
+open(os.environ["STAND_IN_CACHES"], "a").write(json.dumps(seen) + "\\n")
+scan_blocks = args.get("--config.model.scan_blocks") == "True"
+for folder in (cache, autotune):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"compiled_scan_{scan_blocks}").write_text("")
 if "--config.model.kernels=nope" in sys.argv:
     sys.exit("error: model.kernels='nope' must be one of ('custom', 'autodiff')")
 if "--hang" in sys.argv:
@@ -118,8 +141,8 @@ if "--hang" in sys.argv:
 batch = int(args["--config.batch_size"])
 step = {"step_s": 0.5, "images_per_s": batch / 0.5, "mfu": 0.25, "times_s": [0.5], "compile_s": 3.0}
 figures = {
-    "device": {"kind": "stand-in", "platform": "cpu", "count": 1},
-    "config": {"batch_size": batch, "model": {"scan_blocks": False}}, "compile_s": 3.0, "mae_jax": step,
+    "device": {"kind": "stand-in", "platform": "cpu", "backend": "cpu", "count": 1},
+    "config": {"batch_size": batch, "model": {"scan_blocks": scan_blocks}}, "compile_s": 3.0, "mae_jax": step,
     "peak_memory_bytes": 2**30, "xla_flags": os.environ.get("XLA_FLAGS", ""),
 }
 open(args["--json"], "w").write(json.dumps(figures))
@@ -129,10 +152,12 @@ open(args["--json"], "w").write(json.dumps(figures))
 @pytest.fixture
 def stand_in(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> tuple[str, str]:
     """A benchmark command that writes figures at once, fails on an invalid override or hangs, and notes its
-    process id in STAND_IN_PIDS; every item expected to take 1 s (PyTorch 10 s more)."""
+    process id in STAND_IN_PIDS and what it found in its caches in STAND_IN_CACHES; every item expected to take
+    1 s (PyTorch 10 s more)."""
     path = tmp_path / "stand_in.py"
     path.write_text(STAND_IN)
     monkeypatch.setenv("STAND_IN_PIDS", str(tmp_path / "pids"))
+    monkeypatch.setenv("STAND_IN_CACHES", str(tmp_path / "caches"))
     monkeypatch.setattr(benchmark_suite, "DRY_RUN_S", 1)
     monkeypatch.setattr(benchmark_suite, "TORCH_S", 10)
     return sys.executable, str(path)
@@ -177,15 +202,43 @@ def test_the_budget_skips_what_does_not_fit(tmp_path: pathlib.Path, stand_in: tu
     assert "- **with_torch**: skipped: does not fit the budget: expected ~11 s, 5 s left" in report, report
     assert raw_json(report, "alone")["xla_flags"].endswith("--xla_gpu_enable_command_buffer=")
     command = report.split("### alone\n\n```\n", 1)[1].splitlines()[0]  # a shell line, with the flags it ran with
-    assert re.match(r"XLA_FLAGS='[^']* --xla_gpu_enable_command_buffer=' JAX_PLATFORMS=cpu ", command), command
+    assert re.match(r"JAX_PLATFORMS=cpu XLA_FLAGS='[^']* --xla_gpu_enable_command_buffer=' ", command), command
+
+
+def test_the_layouts_compile_in_their_own_processes_with_empty_caches(
+    tmp_path: pathlib.Path, stand_in: tuple[str, str]
+):
+    layout_keys = next(table.keys for table in benchmark_suite.TABLES if table.kind == "layouts")
+    follower = next(item for item in ITEMS if item.key == "L16_b128")  # the default layout's step again
+    items = [item for item in ITEMS if item.key in layout_keys] + [follower]
+    outcomes = benchmark_suite.run_suite(
+        tmp_path / "report.md", dry_run=True, budget_s=60, items=items, benchmark=stand_in, scanned=False
+    )
+    assert [o.status for o in outcomes] == ["ok"] * len(items)
+    runs = [json.loads(line) for line in (tmp_path / "caches").read_text().splitlines()]
+    layouts, after = runs[:-1], runs[-1]
+    assert len({run["pid"] for run in layouts}) == 2, layouts  # two processes, one layout each
+    assert [o.figures["config"]["model"]["scan_blocks"] for o in outcomes[:-1]] == [False, True]
+    # neither found a compiled program or autotuning results: not the other's, nothing shared
+    assert [(run["found"], run["tuned"]) for run in layouts] == [([], [])] * 2, layouts
+    # then what both compiled serves the later items, at the path JAX's cache keys were made with
+    assert after["found"] == ["autotune/compiled_scan_False", "autotune/compiled_scan_True", "compiled_scan_False",
+                              "compiled_scan_True"], after  # fmt: skip
+    assert {run["cache"] for run in runs} == {after["cache"]} and [o.cache_load for o in outcomes] == [
+        False,
+        False,
+        True,
+    ]
 
 
 def test_gpu_estimates_follow_the_cache_and_the_layout():
-    layouts, with_torch = ITEMS[0], ITEMS[1]
-    assert layouts.program == with_torch.program  # the same step: the second loads it from the cache
-    assert layouts.estimate_s(set(), scanned=False, dry_run=False) == 20 + 150 + 40
-    assert with_torch.estimate_s({layouts.program}, scanned=False, dry_run=False) == 20 + 5 + 15
-    assert with_torch.estimate_s(set(), scanned=True, dry_run=False) == 20 + 40 + 15
+    default, other, with_torch = (next(item for item in ITEMS if item.key == key) for key in
+                                  ("layout_default", "layout_other", "L16_b128_torch"))  # fmt: skip
+    assert default.program == with_torch.program  # the same step: the second loads it from the cache
+    assert default.estimate_s({default.program}, scanned=False, dry_run=False) == 20 + 150  # own cache: compiles
+    assert other.estimate_s(set(), scanned=False, dry_run=False) == 20 + 40  # scanned
+    assert with_torch.estimate_s({default.program}, scanned=False, dry_run=False) == 20 + 5 + 15 + 90
+    assert with_torch.estimate_s(set(), scanned=True, dry_run=False) == 20 + 40 + 15 + 90
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -228,3 +281,46 @@ def test_install_step_installs_what_is_missing_keeping_jax(tmp_path: pathlib.Pat
     kept = [f"{name}=={importlib.metadata.version(name)}" for name in ("jax", "jaxlib")]
     assert calls[1:3] == kept, calls  # the constraints file: the installed jax stays
     assert re.fullmatch(rf"-m pip install {pins}", calls[3]), calls
+
+
+NVIDIA_SMI = """#!/usr/bin/env bash
+# nvidia-smi as the driver prints it: a header with the CUDA version its driver supports; CSV for a query
+if [[ $# -eq 0 ]]; then
+  echo "+-----------------------------------------------------------------------------------------+"
+  echo "| NVIDIA-SMI 580.65.06              Driver Version: 580.65.06      CUDA Version: {cuda}     |"
+  echo "|-----------------------------------------+------------------------+----------------------+"
+else
+  echo "NVIDIA H100 80GB HBM3, 580.65.06, 81559 MiB"
+fi
+"""
+
+
+@pytest.mark.parametrize(("cuda", "extra"), [("12.8", "cuda12"), ("13.0", "cuda13")])
+def test_gpu_install_step_brings_jax_for_the_drivers_cuda_and_the_suite_refuses_the_cpu(
+    tmp_path: pathlib.Path, cuda: str, extra: str
+):
+    """Here jax has no CUDA plugin (it is the CPU wheel): the install step asks pip for jax[cudaNN] at the
+    installed version, for the CUDA the driver reports; JAX then starts no GPU backend, and the suite stops in
+    one line instead of benchmarking the CPU."""
+    log = tmp_path / "pip.log"
+    python = tmp_path / "python"  # a stand-in for pip only; everything else the real interpreter
+    python.write_text(
+        "#!/usr/bin/env bash\n"
+        'case "$*" in\n'
+        f'  "-m pip "*) echo "$*" >>{log} ;;\n'
+        f'  *) exec {sys.executable} "$@" ;;\n'
+        "esac\n"
+    )
+    (tmp_path / "nvidia-smi").write_text(NVIDIA_SMI.format(cuda=cuda))
+    for stand_in in (python, tmp_path / "nvidia-smi"):
+        stand_in.chmod(0o755)
+    report = tmp_path / "report.md"
+    path = f"{tmp_path}{os.pathsep}{os.environ['PATH']}"
+    result = launch(str(report), env={"PYTHON": str(python), "PATH": path, "ITEMS": "L16_b128", "BUDGET_S": "1"})
+    calls = log.read_text().splitlines() if log.exists() else []
+    assert len(calls) == 1 and re.fullmatch(rf"-m pip install --constraint \S+ jax\[{extra}\]==\S+", calls[0]), calls
+    assert calls[0].endswith(f"=={importlib.metadata.version('jax')}"), calls
+    assert result.returncode == 1, result.stdout + result.stderr
+    refusal = "error: JAX has no GPU backend here (JAX_PLATFORMS=cuda: "
+    assert result.stderr.splitlines()[-1].startswith(refusal), result.stderr
+    assert "Traceback" not in result.stderr and not report.exists(), result.stderr

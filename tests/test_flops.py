@@ -60,15 +60,24 @@ def test_classifier_flops_equal_the_models_matmuls(protocol: str):
     assert flops.classifier_train_flops(config, batch_size=2) == expected
 
 
+# Dense peaks from the vendors' datasheets (sparse figures halved), against names that contain one another.
 @pytest.mark.parametrize(
     ("device_kind", "dtype", "peak"),
     [
-        ("NVIDIA H100 80GB HBM3", "bfloat16", 989.0),  # NVIDIA's datasheet: dense BF16, dense TF32
-        ("NVIDIA H100 80GB HBM3", "float32", 494.0),
+        ("NVIDIA H100 80GB HBM3", "bfloat16", 989.5),  # H100 SXM: BF16 1,979 with sparsity
+        ("NVIDIA H100 80GB HBM3", "float32", 494.5),  # TF32 989 with sparsity
+        ("NVIDIA H100 PCIe", "bfloat16", 756.5),  # not the SXM's: BF16 1,513 with sparsity
+        ("NVIDIA L4", "bfloat16", 121.0),
+        ("NVIDIA L40S", "bfloat16", 362.05),  # not the L4's 121
+        ("NVIDIA L40", "bfloat16", 181.05),
+        ("NVIDIA A100-SXM4-80GB", "bfloat16", 312.0),
+        ("NVIDIA RTX A1000", "bfloat16", None),  # not listed: no MFU, not the A100's
         ("TPU v5 lite", "float32", 197.0),  # how JAX names a v5e chip
+        ("TPU v5", "bfloat16", 459.0),  # how JAX names a v5p chip
+        ("TPU v6 lite", "bfloat16", 918.0),
         ("cpu", "bfloat16", None),
     ],
 )
-def test_peak_tflops_reads_the_device_kind_as_jax_names_it(device_kind: str, dtype: str, peak: float | None):
+def test_peak_tflops_matches_the_exact_device_kind(device_kind: str, dtype: str, peak: float | None):
     device = types.SimpleNamespace(device_kind=device_kind)
     assert flops.peak_tflops(device, dtype) == peak
