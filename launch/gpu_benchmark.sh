@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU measurement in one go, for a fresh GPU machine: install what is missing, run every benchmark of
-# mae_jax/benchmark_suite.py within its time budget, write one markdown report and print its path.
+# mae_jax/benchmark_suite/items.py within its time budget, write one markdown report and print its path.
 #
 #   bash launch/gpu_benchmark.sh [--dry-run] [REPORT]   # REPORT: gpu_benchmark_<host>_<UTC time>.md here
 #

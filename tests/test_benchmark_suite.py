@@ -158,8 +158,8 @@ def stand_in(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> tuple[s
     path.write_text(STAND_IN)
     monkeypatch.setenv("STAND_IN_PIDS", str(tmp_path / "pids"))
     monkeypatch.setenv("STAND_IN_CACHES", str(tmp_path / "caches"))
-    monkeypatch.setattr(benchmark_suite, "DRY_RUN_S", 1)
-    monkeypatch.setattr(benchmark_suite, "TORCH_S", 10)
+    monkeypatch.setattr(benchmark_suite.items, "DRY_RUN_S", 1)  # where `Item.estimate_s` reads them
+    monkeypatch.setattr(benchmark_suite.items, "TORCH_S", 10)
     return sys.executable, str(path)
 
 
