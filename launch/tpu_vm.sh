@@ -118,12 +118,13 @@ error_kind() { # how the last failed call failed: absent (no such VM), capacity 
   esac
 }
 
-failures=0 # failed calls since the run last started, capacity refusals not counted
+failures=0 # failed calls in a row, since the run last started or gcloud last answered with a stock-out
 delay=$retry_delay
 try_again_later() { # after a failed call ($1: what it did): wait, doubling; give up after --max_retries in a row
   local kind
   kind=$(error_kind)
-  if [[ $kind == capacity ]]; then
+  if [[ $kind == capacity ]]; then # an answer, not a failure to get one: errors before it were not in a row
+    failures=0
     echo "tpu_vm.sh: $1: no capacity; trying again in $delay s (without limit): $gcloud_error" >&2
   elif ((++failures > max_retries)); then
     echo "tpu_vm.sh: $1 failed $failures times in a row; giving up: $gcloud_error" >&2

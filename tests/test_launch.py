@@ -322,6 +322,16 @@ def test_tpu_retries_stock_outs_and_gcloud_errors_with_backoff(tmp_path: pathlib
     assert all('"message": "There is no more capacity in the zone' in line for line in failures[1:])
 
 
+def test_tpu_a_long_stock_out_with_passing_gcloud_errors_is_waited_out(tmp_path: pathlib.Path):
+    """Describe errors between stock-outs are not in a row: each stock-out is gcloud answering. Six of them, one
+    more than --max_retries, do not end a wait for capacity."""
+    env = fake_gcloud(tmp_path, ["0"], faults=("describe UNAVAILABLE", "describe OK", "create CAPACITY") * 6)
+    result = launch("tpu_vm.sh", *TPU_ARGS, env={**env, "TPU_VM_RETRY_DELAY": "1", "TPU_VM_MAX_RETRY_DELAY": "1"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert gcloud_verbs(tmp_path).count("create") == 7
+    assert sum("(try 1 of 5)" in line for line in result.stderr.splitlines()) == 6
+
+
 def test_tpu_describe_error_does_not_create_an_existing_vm(tmp_path: pathlib.Path):
     env = fake_gcloud(tmp_path, ["0"], faults=("describe UNAVAILABLE",), state="READY")
     result = launch("tpu_vm.sh", *TPU_ARGS, env={**env, "TPU_VM_RETRY_DELAY": "1"})

@@ -4,7 +4,8 @@ without a cloud project. Run as `python gcloud.py compute tpus tpu-vm VERB NAME 
 State is in $GCLOUD_STANDIN_DIR:
 - `state`: the VM's state (READY, PREEMPTED, ...); no file, no VM.
 - `faults`: lines `VERB KIND`; a call of VERB takes the first line of its verb and fails that way: UNAVAILABLE (the
-  API's 503) or CAPACITY (a create refused for a stock-out). gcloud exits 1 on any error.
+  API's 503) or CAPACITY (a create refused for a stock-out), or OK (answered as usual: orders the faults of a
+  verb between its calls). gcloud exits 1 on any error.
 - `outcomes`: one line per run of `mae_jax.main`: its exit status, or `preempt` (the VM is PREEMPTED and the ssh
   session drops: ssh's 255).
 - written here: `calls` (VERB and the last argument of each call), `runs`, `status` (worker 0's status file).
