@@ -234,6 +234,13 @@ class NonFiniteGuard:
                 )
 
 
+def _mean_without_nan(values: Sequence[np.ndarray]) -> float:
+    """The mean of `values` without their NaNs (skipped steps); NaN where all are, without numpy's warning."""
+    values = np.asarray(values, np.float64)
+    kept = values[~np.isnan(values)]
+    return float(kept.mean()) if kept.size else float("nan")
+
+
 class Bookkeeper:
     """What every training loop does around its step, shared by pretraining and the downstream loops.
 
@@ -325,7 +332,7 @@ class Bookkeeper:
 
     def _write_summary(self, step: int) -> None:
         window = self._window
-        summary = {k: float(np.nanmean([m[k] for m in window])) for k in ("loss", "grad_norm")}
+        summary = {k: _mean_without_nan([m[k] for m in window]) for k in ("loss", "grad_norm")}
         summary |= {"lr": float(window[-1]["lr"]), "skipped_images": self.skipped.count}
         summary |= {"skipped_steps": self.guard.skipped}
         now = time.perf_counter()

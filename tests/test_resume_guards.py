@@ -197,6 +197,7 @@ def preempted_in_a_streak(tmp_path_factory: pytest.TempPathFactory) -> pathlib.P
     return workdir
 
 
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # a summary of skipped steps only: NaN, no warning
 def test_nonfinite_streak_across_a_resume_stops_the_run_before_its_update_is_saved(
     preempted_in_a_streak: pathlib.Path, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
 ):
