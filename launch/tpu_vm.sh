@@ -67,8 +67,8 @@ main_args=("$@" --workdir="$workdir")
 # Remote commands (single quotes: `~` expands on the workers). Worker 0's exit status tells how the run ended.
 remote_install='rm -rf ~/mae_jax ~/mae_jax_venv && mkdir ~/mae_jax && tar -xzf ~/mae_jax.tar.gz -C ~/mae_jax'
 remote_install+=' && curl -LsSf https://astral.sh/uv/install.sh | sh && ~/.local/bin/uv venv -q -p 3.11 ~/mae_jax_venv'
-# gcs: the workdir is a gs:// path; the constraints pin jax (and so libtpu) to the tested versions.
-remote_install+=' && ~/.local/bin/uv pip install -q -p ~/mae_jax_venv/bin/python -e ~/mae_jax"[gcs]" "jax[tpu]"'
+# gcs: the workdir is a gs:// path; tpu: libtpu. The constraints pin jax and libtpu to the tested versions.
+remote_install+=' && ~/.local/bin/uv pip install -q -p ~/mae_jax_venv/bin/python -e ~/mae_jax"[gcs,tpu]"'
 remote_install+=' -c ~/mae_jax/constraints.txt'
 remote_run='cd ~/mae_jax && . ~/mae_jax_venv/bin/activate && rm -f ~/.mae_jax_status && { python -m mae_jax.main'
 remote_run+="$(printf ' %q' "${main_args[@]}")"

@@ -40,7 +40,7 @@ from mae_jax import (
 from mae_jax.convert.official import CLASSIFIER_FILE, CLASSIFIER_PTH_FILE
 from mae_jax.loop import TrainState
 from mae_jax.models.classifier import FINETUNE, Classifier, ClassifierConfig
-from mae_jax.models.vit import Compute, EncoderConfig, resize_position_table, scanned_layout
+from mae_jax.models.vit import Compute, EncoderConfig, resize_position_table, scanned_layout, split_batch
 
 
 def classifier_config(config: ml_collections.ConfigDict) -> ClassifierConfig:
@@ -123,11 +123,15 @@ def make_train_step(
     tx: optax.GradientTransformation,
     lr_schedule: optax.Schedule,
     config: ml_collections.ConfigDict,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
     """One step on (uint8 images, int labels); its randomness is a function of (seed, step) alone.
 
     Random erasing, then mixup/cutmix with label smoothing, on the device; drop path in the blocks. The
-    state's `fixed` part comes back updated: linear probing's BatchNorm keeps running statistics.
+    state's `fixed` part comes back updated: linear probing's BatchNorm keeps running statistics. On a
+    `mesh` with an fsdp axis the activations and the logits stay split along the batch (`sharding.on_mesh`):
+    XLA would otherwise split the logits along the classes, as the head's kernel is, and gather the
+    features and labels of the whole batch onto every device.
     """
     step_key = jax.random.key(config.seed + 1)
     aug = config.augment
@@ -153,7 +157,7 @@ def make_train_step(
             # copy: new Variables of this trace, which BatchNorm may update (merge would reuse the outer ones)
             model = nnx.merge(graphdef, params, fixed, copy=True)
             rngs = nnx.Rngs(dropout=drop_key) if config.model.drop_path > 0 else None
-            logits = model(inputs, train=True, rngs=rngs).astype(jnp.float32)
+            logits = split_batch(model(inputs, train=True, rngs=rngs).astype(jnp.float32))
             _, _, fixed = nnx.split(model, trained_filter(config.task), ...)
             return optax.softmax_cross_entropy(logits, targets).mean(), fixed
 
@@ -165,7 +169,7 @@ def make_train_step(
         lr = optim.applied_learning_rate(state.opt_state, lr_schedule)  # skipped steps do not advance it
         return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": lr}
 
-    return train_step
+    return sharding.on_mesh(train_step, mesh)
 
 
 def assemble(
@@ -186,7 +190,7 @@ def assemble(
         mesh=mesh,
         init_state=functools.partial(init_train_state, model_config, tx, config.seed),
         init_args=(encoder,),
-        train_step=make_train_step(graphdef, tx, lr_schedule, config),
+        train_step=make_train_step(graphdef, tx, lr_schedule, config, mesh),
         batch_keys=("image", "label"),
         flops_per_step=flops.classifier_train_flops(model_config, config.batch_size),
         description=f"{config.task}, {config.num_classes} classes",

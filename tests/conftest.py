@@ -8,6 +8,10 @@ import pathlib
 import subprocess
 import sys
 
+# The suite runs on the CPU. Set before jax is imported: with libtpu installed (the test extra, to compile for TPU
+# slices) every process would otherwise look for a TPU first and print libtpu's warnings into the output tests read.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
 import pytest
 from flax import nnx
 
