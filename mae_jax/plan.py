@@ -267,12 +267,16 @@ def table(figures: dict) -> str:
 
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/vit_base.py.", lock_config=True)
-flags.DEFINE_string("topology", None, f"TPU slice, libtpu's name: {KNOWN}.")
-flags.DEFINE_integer("num_slices", 1, "Slices joined over the data-center network (multi-slice).")
-flags.DEFINE_string("json", None, "Also write the figures to this JSON file.")
-flags.DEFINE_float("hbm_gib", None, "Plan against this much HBM per chip (GiB) instead of the chip's: headroom.")
-flags.mark_flags_as_required(["config", "topology"])
+
+
+def define_flags() -> None:
+    """The command line's flags, defined when run as a program: `main`'s `--config` would clash on import."""
+    config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/vit_base.py.", lock_config=True)
+    flags.DEFINE_string("topology", None, f"TPU slice, libtpu's name: {KNOWN}.")
+    flags.DEFINE_integer("num_slices", 1, "Slices joined over the data-center network (multi-slice).")
+    flags.DEFINE_string("json", None, "Also write the figures to this JSON file.")
+    flags.DEFINE_float("hbm_gib", None, "Plan against this much HBM per chip (GiB) instead of the chip's: headroom.")
+    flags.mark_flags_as_required(["config", "topology"])
 
 
 def main(argv: list[str]) -> None:
@@ -293,4 +297,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main, flags_parser=configuration.parse_flags)
